@@ -1,0 +1,159 @@
+"""Typed schemas of the Hydra config groups.
+
+Each YAML file of a group lists its schema first in its defaults list
+(``- /schema/adv/step@_here_``), so Hydra rejects a mistyped key or a value of the wrong
+type while composing, and ``validate`` (``OmegaConf.to_object``, which runs the
+``__post_init__`` range checks) rejects out-of-range values before any data is loaded.
+Groups whose options differ in shape (model, trainer, logger) are checked by their
+constructors, which ``train`` calls before touching the data.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+class Scaling(str, Enum):
+    """How the penalty scales the largest gradient norm of the minibatch (METHOD.md)."""
+
+    per_example = "per_example"  # max_i ||grad_x l(x_i)||
+    batch_mean = "batch_mean"  # the authors' code: grad of the batch-MEAN loss, i.e. / B
+
+
+class Method(str, Enum):
+    """How the input-gradient norm is computed."""
+
+    exact = "exact"  # double backpropagation through the graph
+
+
+class Mode(str, Enum):
+    train = "train"
+
+
+@dataclass
+class NoAdvConfig:
+    """J0: no adversarial perturbation."""
+
+    _target_: str = MISSING
+    _partial_: bool = True
+
+
+@dataclass
+class AdvStepConfig:
+    """J1 / J2: one-step perturbation of l2 size eps at the clean image."""
+
+    _target_: str = MISSING
+    _partial_: bool = True
+    eps: float = 0.01  # l2 size, pixels in [0, 1] (the study's value, not tuned)
+    clip: bool = True  # keep x + a in [0, 1]; the authors' code does not clip
+
+    def __post_init__(self) -> None:
+        _check(self.eps >= 0, f"adv.eps must be >= 0 (an l2 size in pixels), got {self.eps}")
+
+
+@dataclass
+class NoLipConfig:
+    """No Lipschitz penalty: plain cross-entropy."""
+
+    _target_: str = MISSING
+    _partial_: bool = True
+
+
+@dataclass
+class LipConfig:
+    """Lip1 / Lip2: lam * max over the batch of the input-gradient norm of the loss."""
+
+    _target_: str = MISSING
+    _partial_: bool = True
+    norm: int = 2  # dual norm of the attack: 2 for l2 attacks, 1 for l-infinity attacks
+    lam: float = 0.1  # penalty weight (the study: 0.1; divided by sqrt(n) for Lip1)
+    lam_over_sqrt_n: bool = False  # Lip1: the weight used is lam / sqrt(input dimension)
+    scaling: Scaling = Scaling.batch_mean
+    target: float | None = None  # hinge max(0, L - target) when set
+    squared: bool = False  # square the hinge
+    method: Method = Method.exact
+
+    def __post_init__(self) -> None:
+        _check(self.norm in (1, 2), f"lip.norm must be 1 or 2, got {self.norm}")
+        _check(self.lam >= 0, f"lip.lam must be >= 0, got {self.lam}")
+        _check(
+            self.target is None or self.target >= 0,
+            f"lip.target (hinge target L0) must be >= 0 or null, got {self.target}",
+        )
+
+
+@dataclass
+class DataConfig:
+    """An ``ImageDataModule`` over one ``lipexp.data.sources`` loader."""
+
+    _target_: str = "lipexp.data.datamodule.ImageDataModule"
+    source: Any = MISSING  # {_target_: lipexp.data.sources.NAME, _partial_: true}
+    num_classes: int = MISSING
+    in_channels: int = MISSING
+    image_size: int = MISSING  # pixels per side
+    data_dir: str = MISSING
+    download: bool = True
+    batch_size: int = 128  # per process
+    eval_batch_size: int = 500
+    num_workers: int = 0
+    crop_padding: int = 0  # pixels of zero padding before the random crop, 0 = off
+    flip: bool = False  # random horizontal flip
+    cutout: int = 0  # side of the cutout square in pixels, 0 = off
+
+    def __post_init__(self) -> None:
+        for name in ("num_classes", "in_channels", "image_size", "batch_size", "eval_batch_size"):
+            _check(getattr(self, name) > 0, f"data.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("num_workers", "crop_padding", "cutout"):
+            _check(getattr(self, name) >= 0, f"data.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class Config:
+    """The root: one key per group, plus the run's own settings."""
+
+    data: Any = MISSING
+    model: Any = MISSING
+    head: Any = MISSING
+    adv: Any = MISSING
+    lip: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = None
+    trainer: Any = MISSING
+    logger: Any = None
+    callbacks: Any = field(default_factory=dict)
+    paths: Any = MISSING
+    seed: int = 0
+    resume: bool = False  # continue this run's folder from its last.ckpt
+    mode: Mode = Mode.train
+    name: str = "lipexp"  # run and sweep name (W&B group, folder names)
+
+
+def run_dirname(override_dirname: str) -> str:
+    """Folder name of a run: its command-line overrides, or ``default`` when there are none."""
+    return override_dirname.replace("/", "_") or "default"
+
+
+def register() -> None:
+    """Put the schemas into Hydra's ConfigStore and the resolvers into OmegaConf (idempotent)."""
+    if not OmegaConf.has_resolver("run_dirname"):
+        OmegaConf.register_new_resolver("run_dirname", run_dirname)
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    cs.store(group="schema/adv", name="none", node=NoAdvConfig)
+    cs.store(group="schema/adv", name="step", node=AdvStepConfig)
+    cs.store(group="schema/lip", name="none", node=NoLipConfig)
+    cs.store(group="schema/lip", name="penalty", node=LipConfig)
+    cs.store(group="schema/data", name="image", node=DataConfig)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Run every schema's range checks; raises ValueError naming the bad key."""
+    OmegaConf.to_object(cfg)

@@ -1,0 +1,58 @@
+"""One-step adversarial training perturbations (METHOD.md: J0, J1, J2).
+
+Each is a plain function ``(model, x, y) -> x_adv`` once Hydra has bound its size
+(``_partial_``). The perturbation uses the gradient of the per-example loss at the clean
+image, with the model in eval mode and no random start; the parameters get no gradient.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lipexp.utils import eval_mode
+
+
+def input_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """``g_i = grad_x l(x_i)`` with ``l = CE(model(x), y)``, for each example, in eval mode.
+
+    Only the input is differentiated (``autograd.grad``), so the parameters' ``.grad``
+    stay as they were; the result is detached.
+    """
+    x = x.detach().requires_grad_(True)
+    with eval_mode(model), torch.enable_grad():
+        loss = F.cross_entropy(model(x), y, reduction="sum")  # sum: each x_i gets its own grad
+        (g,) = torch.autograd.grad(loss, x)
+    return g
+
+
+def _apply(x: Tensor, a: Tensor, clip: bool) -> Tensor:
+    x_adv = x + a
+    return (x_adv.clamp(0.0, 1.0) if clip else x_adv).detach()
+
+
+def no_perturbation(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """J0: ``a = 0``."""
+    return x
+
+
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, clip: bool = True) -> Tensor:
+    """J1: ``x + eps * sign(g) / sqrt(n)``, the signed gradient scaled to l2 size ``eps``.
+
+    ``n`` is the input dimension (C*H*W); where ``g`` has zeros the size is below eps.
+    """
+    n = x[0].numel()
+    a = eps * input_gradient(model, x, y).sign() / math.sqrt(n)
+    return _apply(x, a, clip)
+
+
+def l2_step(model: nn.Module, x: Tensor, y: Tensor, eps: float, clip: bool = True) -> Tensor:
+    """J2: ``x + eps * g / ||g||_2``, one step of l2 gradient ascent of size ``eps``.
+
+    An example with ``g = 0`` is left unperturbed.
+    """
+    g = input_gradient(model, x, y)
+    norm = g.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))  # (B, 1, 1, 1)
+    a = eps * g / norm.clamp_min(torch.finfo(g.dtype).tiny)
+    return _apply(x, a, clip)

@@ -1,0 +1,24 @@
+"""Data-parallel helpers: the penalty's max must span the WHOLE minibatch across ranks."""
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_batch(t: Tensor) -> Tensor:
+    """Concatenate ``t`` (B, ...) of every rank along dim 0, keeping the autograd graph.
+
+    ``torch.distributed.nn.functional.all_gather`` sums the incoming gradients over ranks in
+    its backward, so after DDP divides by the world size each parameter gets the gradient a
+    single process computes on the concatenated batch. One process: returns ``t`` itself.
+    All ranks must pass the same batch size (the training loader drops the last batch).
+    """
+    if world_size() == 1:
+        return t
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t), dim=0)  # (world * B, ...)

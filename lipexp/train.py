@@ -1,0 +1,124 @@
+"""One run: build everything from the config, train, test, write results.json."""
+
+import logging
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lipexp.config import validate
+from lipexp.module import RobustClassifier
+from lipexp.utils import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+class RunFolderError(RuntimeError):
+    """The run folder holds a run that this command would overwrite or cannot resume."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def provenance() -> dict[str, Any]:
+    """Versions and the lipexp commit, so every number can be traced to its code."""
+    src = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(src), "describe", "--always", "--dirty", "--abbrev=40"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "lipexp_commit": commit,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "pytorch_lightning": pl.__version__,
+        "command": sys.argv,
+    }
+
+
+def read_results(path: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def build(cfg: DictConfig) -> tuple[RobustClassifier, pl.LightningDataModule, pl.Trainer]:
+    """Instantiate module, data module and trainer; no data is read yet."""
+    module = RobustClassifier(
+        model=instantiate(cfg.model),
+        head=instantiate(cfg.head),
+        perturb=instantiate(cfg.adv),
+        objective=instantiate(cfg.lip),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    datamodule = instantiate(cfg.data)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    logger = instantiate(cfg.logger) if cfg.logger else False
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    return module, datamodule, trainer
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test one configuration in ``cfg.paths.output_dir``; return its results.
+
+    The folder belongs to the command: a completed run is not trained again, an unfinished
+    one continues only with ``resume=true``, and nothing in it is overwritten otherwise.
+    """
+    validate(cfg)  # range checks of the typed schemas, before any work
+    out = Path(cfg.paths.output_dir)
+    results_path, last = out / "results.json", out / "checkpoints" / "last.ckpt"
+    previous = read_results(results_path)
+    if previous is not None and previous.get("status") == "completed":
+        log.info("%s is already completed; nothing to do (delete it to run again)", out)
+        return previous
+    if cfg.resume and not last.exists():
+        raise RunFolderError(f"resume=true but there is no {last} to resume from")
+    if not cfg.resume and last.exists():
+        raise RunFolderError(
+            f"{out} holds an unfinished run ({last}); pass resume=true to continue it, "
+            "or delete the folder to start again"
+        )
+
+    pl.seed_everything(cfg.seed, workers=True)
+    module, datamodule, trainer = build(cfg)
+    results: dict[str, Any] = {
+        "status": "running",
+        "config": module.config,
+        "output_dir": str(out.resolve()),
+        "started": _now(),
+        "provenance": provenance(),
+    }
+    if trainer.is_global_zero:
+        write_json_atomic(results_path, results)
+    if trainer.logger is not None:
+        trainer.logger.log_hyperparams(module.config)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if cfg.resume else None)
+        (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
+        results["clean"] = {"error": 1.0 - test["test/acc"], "loss": test["test/loss"]}
+        results.update(status="completed", finished=_now())
+    except BaseException as e:  # recorded, then re-raised: the folder says why it stopped
+        results.update(status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
+        raise
+    finally:
+        if trainer.is_global_zero:
+            write_json_atomic(results_path, results)
+    if trainer.is_global_zero:
+        log.info("clean test error %.4f; run folder: %s", results["clean"]["error"], out)
+        print(f"Run folder: {out.resolve()}")
+    return results

@@ -1,0 +1,170 @@
+"""Adversarial perturbations and Lipschitz penalties against closed forms and independent
+computations (METHOD.md's formulas)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from lipexp.config import Scaling
+from lipexp.defences.adversarial import fgsm, input_gradient, l2_step, no_perturbation
+from lipexp.defences.lipschitz import cross_entropy, lipschitz_penalty
+
+C, H, W, K = 2, 3, 3, 4  # tiny images: channels, height, width, classes
+N = C * H * W
+
+
+def linear_model(dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(N, K)).to(dtype)
+
+
+def batch(b: int = 6, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(b, C, H, W, generator=g, dtype=dtype) * 0.5 + 0.25  # interior of [0, 1]
+    y = torch.randint(0, K, (b,), generator=g)
+    return x, y
+
+
+def linear_loss_gradient(model: nn.Module, x, y):
+    """Closed form: grad_x CE(Wx + b, y) = W^T (softmax(z) - onehot(y))."""
+    lin = model[1]
+    z = x.flatten(1) @ lin.weight.T + lin.bias
+    r = z.softmax(1) - F.one_hot(y, K).to(z.dtype)  # (B, K)
+    return (r @ lin.weight).view_as(x)
+
+
+def test_input_gradient_matches_closed_form():
+    model, (x, y) = linear_model(), batch()
+    torch.testing.assert_close(input_gradient(model, x, y), linear_loss_gradient(model, x, y))
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.3])
+def test_fgsm_closed_form_and_l2_size(eps):
+    model, (x, y) = linear_model(), batch()
+    x_adv = fgsm(model, x, y, eps=eps, clip=False)
+    g = linear_loss_gradient(model, x, y)
+    torch.testing.assert_close(x_adv, x + eps * g.sign() / math.sqrt(N))
+    sizes = (x_adv - x).flatten(1).norm(dim=1)
+    torch.testing.assert_close(sizes, torch.full_like(sizes, eps))
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.3])
+def test_l2_step_closed_form_and_l2_size(eps):
+    model, (x, y) = linear_model(), batch()
+    x_adv = l2_step(model, x, y, eps=eps, clip=False)
+    g = linear_loss_gradient(model, x, y)
+    expected = x + eps * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_adv, expected)
+    sizes = (x_adv - x).flatten(1).norm(dim=1)
+    torch.testing.assert_close(sizes, torch.full_like(sizes, eps))
+
+
+def test_perturbations_increase_loss_and_clip():
+    model, (x, y) = linear_model(), batch()
+    clean = F.cross_entropy(model(x), y, reduction="none")
+    for attack in (fgsm, l2_step):
+        assert (F.cross_entropy(model(attack(model, x, y, eps=0.1, clip=False)), y,
+                                reduction="none") > clean).all()
+        big = attack(model, x, y, eps=5.0, clip=True)  # far outside the box before clipping
+        assert big.min() >= 0 and big.max() <= 1
+    assert no_perturbation(model, x, y) is x
+
+
+def test_perturbation_uses_eval_mode_and_leaves_model_as_found():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(),
+                          nn.Linear(4 * H * W, K)).double()
+    model[1].running_mean.fill_(0.3)  # eval-mode BN differs from train-mode BN
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    x, y = batch()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    g = input_gradient(model, x, y)
+    model.eval()
+    xr = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(F.cross_entropy(model(xr), y, reduction="sum"), xr)
+    model.train()
+    torch.testing.assert_close(g, expected)
+    assert all(m.training for m in model.modules())
+    assert all((p.grad == 1).all() for p in model.parameters())  # no gradient leaked in
+    for k, v in model.state_dict().items():  # BN running stats untouched
+        torch.testing.assert_close(v, buffers[k])
+
+
+def per_example_grad_norms(model: nn.Module, x, y, norm: int):
+    """Independent computation: torch.func per-sample gradients (model without BN)."""
+    params = dict(model.named_parameters())
+
+    def loss(xi, yi):
+        return F.cross_entropy(functional_call(model, params, (xi[None],)), yi[None])
+
+    g = vmap(grad(loss))(x, y)  # (B, C, H, W)
+    return torch.linalg.vector_norm(g.flatten(1), ord=norm, dim=1)
+
+
+def mlp(dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(N, 8), nn.Tanh(), nn.Linear(8, K)).to(dtype)
+
+
+@pytest.mark.parametrize("norm", [1, 2])
+@pytest.mark.parametrize("scaling", list(Scaling))
+@pytest.mark.parametrize("target,squared", [(None, False), (None, True), (0.05, False),
+                                            (0.05, True), (1e6, False)])
+def test_penalty_equals_per_example_computation(norm, scaling, target, squared):
+    model, (x, y) = mlp(), batch(b=8)
+    lam, sqrt_n = 0.7, norm == 1
+    loss, logs = lipschitz_penalty(model, x, y, norm=norm, lam=lam, lam_over_sqrt_n=sqrt_n,
+                                   scaling=scaling, target=target, squared=squared)
+    norms = per_example_grad_norms(model, x, y, norm)
+    largest = norms.max() / (len(x) if scaling is Scaling.batch_mean else 1)
+    excess = largest if target is None else max(largest - target, torch.zeros(()))
+    weight = lam / math.sqrt(N) if sqrt_n else lam
+    penalty = weight * (excess**2 if squared else excess)
+    ce = F.cross_entropy(model(x), y)
+    torch.testing.assert_close(logs["penalty"], penalty.to(logs["penalty"].dtype))
+    torch.testing.assert_close(loss, ce + penalty)
+    torch.testing.assert_close(logs["grad_norm_max"], norms.max())
+    torch.testing.assert_close(logs["grad_norm_mean"], norms.mean())
+    torch.testing.assert_close(logs["ce"], ce)
+
+
+def test_penalty_gradient_is_the_gradient_of_the_worst_example():
+    """d/dtheta of lam * max_i ||g_i|| is lam * d/dtheta ||g_k|| for the argmax k."""
+    model, (x, y) = mlp(), batch(b=8)
+    loss, _ = lipschitz_penalty(model, x, y, norm=2, lam=1.0, scaling="per_example")
+    ce = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss - ce, list(model.parameters()))
+    k = per_example_grad_norms(model, x, y, 2).argmax()
+    xk = x[k:k + 1].clone().requires_grad_(True)
+    (gk,) = torch.autograd.grad(F.cross_entropy(model(xk), y[k:k + 1]), xk, create_graph=True)
+    expected = torch.autograd.grad(gk.norm(), list(model.parameters()))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("norm", [1, 2])
+@pytest.mark.parametrize("scaling", ["per_example", "batch_mean"])
+def test_penalty_passes_gradcheck(norm, scaling):
+    model, (x, y) = mlp(), batch(b=4)
+    names = [n for n, _ in model.named_parameters()]
+
+    def objective(*params):
+        net = lambda inp: functional_call(model, dict(zip(names, params)), (inp,))  # noqa: E731
+        return lipschitz_penalty(net, x, y, norm=norm, lam=0.5, scaling=scaling,
+                                 target=0.01, squared=True)[0]
+
+    params = tuple(p.detach().clone().requires_grad_(True) for p in model.parameters())
+    assert torch.autograd.gradcheck(objective, params, eps=1e-6, atol=1e-5)
+
+
+def test_cross_entropy_objective():
+    model, (x, y) = mlp(), batch()
+    loss, logs = cross_entropy(model, x, y)
+    torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
+    torch.testing.assert_close(logs["acc"], (model(x).argmax(1) == y).float().mean())
