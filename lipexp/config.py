@@ -8,11 +8,14 @@ Groups whose options differ in shape (model, trainer, logger) are checked by the
 constructors, which ``train`` calls before touching the data.
 """
 
+import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
@@ -154,6 +157,38 @@ def register() -> None:
     cs.store(group="schema/data", name="image", node=DataConfig)
 
 
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _check_keys(node: Any, path: str) -> None:
+    """Keys added with ``+key=value`` must exist in the node's schema or its target's signature.
+
+    Hydra's ``+`` adds keys even to typed nodes and ``to_object`` drops them silently, and a
+    ``_partial_`` target would only fail when first called, deep inside training.
+    """
+    if not isinstance(node, DictConfig):
+        return
+    keys = [str(k) for k in node.keys()]
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        allowed = {f.name for f in dataclasses.fields(schema)}
+        extra = sorted(set(keys) - allowed)
+        _check(not extra, f"{_join(path, extra[0] if extra else '')} is not a setting of "
+               f"{path or 'the config'}; allowed: "
+               f"{', '.join(sorted(allowed - {'_target_', '_partial_'}))}")
+    if node.get("_partial_", False) and "_target_" in node:
+        params = inspect.signature(get_object(node._target_)).parameters
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        unknown = [k for k in keys if not k.startswith("_") and k not in params]
+        _check(accepts_any or not unknown,
+               f"{_join(path, unknown[0] if unknown else '')} is not an argument of {node._target_}; "
+               f"allowed: {', '.join(p for p in params if p not in ('model', 'x', 'y'))}")
+    for k in keys:
+        _check_keys(node._get_node(k), _join(path, k))
+
+
 def validate(cfg: DictConfig) -> None:
-    """Run every schema's range checks; raises ValueError naming the bad key."""
+    """Reject unknown keys and run every schema's range checks; ValueError names the key."""
+    _check_keys(cfg, "")
     OmegaConf.to_object(cfg)

@@ -64,7 +64,7 @@ def build(cfg: DictConfig) -> tuple[RobustClassifier, pl.LightningDataModule, pl
         objective=instantiate(cfg.lip),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
     )
     datamodule = instantiate(cfg.data)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
@@ -111,6 +111,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if cfg.resume else None)
         (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
         results["clean"] = {"error": 1.0 - test["test/acc"], "loss": test["test/loss"]}
+        results["data"] = {"n_train": datamodule.num_train, "n_test": datamodule.num_test}
         results.update(status="completed", finished=_now())
     except BaseException as e:  # recorded, then re-raised: the folder says why it stopped
         results.update(status="failed", error=f"{type(e).__name__}: {e}", finished=_now())

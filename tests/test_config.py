@@ -1,0 +1,116 @@
+"""Every config choice composes and builds; wrong values are refused before any data loads."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from lipexp.config import validate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ["data", "model", "head", "adv", "lip", "optimizer", "scheduler", "trainer", "logger"]
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+EXPERIMENTS = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_validates(make_cfg, group, option):
+    cfg = make_cfg(f"{group}={option}")
+    validate(cfg)
+    assert OmegaConf.select(cfg, group) is not None
+
+
+@pytest.mark.parametrize("option", sorted(f.stem for f in (CONF / "model").glob("*.yaml")))
+def test_every_model_option_builds_for_its_data(make_cfg, option):
+    data = "digits" if option == "small_cnn" else "cifar10"
+    cfg = make_cfg(f"model={option}", f"data={data}")
+    model = instantiate(cfg.model)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_defaults_are_j2_lip2_tanh_on_digits(make_cfg):
+    cfg = make_cfg()
+    choices = {"adv": cfg.adv._target_, "lip": cfg.lip._target_, "head": cfg.head._target_}
+    assert choices == {
+        "adv": "lipexp.defences.adversarial.l2_step",
+        "lip": "lipexp.defences.lipschitz.lipschitz_penalty",
+        "head": "lipexp.models.heads.TanhHead",
+    }
+    assert cfg.lip.norm == 2 and cfg.lip.lam == 0.1 and cfg.adv.eps == 0.01
+    assert cfg.data.source._target_ == "lipexp.data.sources.digits"
+
+
+@pytest.mark.parametrize(
+    "data,epochs,milestones,gamma,decay",
+    [("cifar10", 200, [60, 120, 180], 0.2, 5e-4), ("cifar100", 300, [150, 225], 0.1, 1e-4)],
+)
+def test_recipe_follows_the_data_set(make_cfg, data, epochs, milestones, gamma, decay):
+    """METHOD.md's recipe; SGD weight decay is twice the loss-term decay."""
+    cfg = make_cfg(f"data={data}", "model=allcnn")
+    assert cfg.trainer.max_epochs == epochs
+    assert list(cfg.scheduler.milestones) == milestones and cfg.scheduler.gamma == gamma
+    assert cfg.optimizer.lr == 0.1 and cfg.optimizer.momentum == 0.9
+    assert cfg.optimizer.weight_decay == pytest.approx(2 * decay)
+    assert cfg.data.batch_size == 128
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_presets(make_cfg, experiment):
+    cfg = make_cfg(f"experiment={experiment}")
+    validate(cfg)
+    data, model = experiment.rsplit("_", 1) if "small_cnn" not in experiment else (
+        experiment.removesuffix("_small_cnn"), "small_cnn")
+    assert cfg.data.source._target_ == f"lipexp.data.sources.{data}"
+    assert cfg.trainer.accelerator == "gpu"
+    instantiate(cfg.model)  # builds with the data's classes and channels
+    if experiment == "cifar100_resnext34":
+        assert cfg.model.cardinality == 4 and cfg.data.num_classes == 100
+    if experiment == "cifar10_resnext34":
+        assert cfg.model.cardinality == 2
+    if data.startswith("cifar"):
+        assert cfg.data.cutout == (16 if data == "cifar10" else 8)
+
+
+def test_overrides_reach_the_objects(make_cfg):
+    cfg = make_cfg("adv=fgsm", "adv.eps=0.05", "lip=l1", "lip.lam=0.3", "lip.scaling=per_example",
+                   "lip.target=1.5", "head=linear")
+    perturb, objective = instantiate(cfg.adv), instantiate(cfg.lip)
+    assert perturb.keywords == {"eps": 0.05, "clip": True}
+    assert objective.keywords["lam"] == 0.3 and objective.keywords["norm"] == 1
+    assert objective.keywords["lam_over_sqrt_n"] is True and objective.keywords["target"] == 1.5
+    assert objective.keywords["scaling"] == "per_example"
+
+
+@pytest.mark.parametrize(
+    "override,error,message",
+    [
+        ("adv=pgd", MissingConfigException, "Available options in 'adv'"),
+        ("lip=l3", MissingConfigException, "Available options in 'lip'"),
+        ("adv.epss=0.1", ConfigCompositionException, "adv.epss"),
+        ("+adv.epss=0.1", ValueError, "adv.epss is not a setting of adv"),
+        ("+optimizer.lrr=0.1", ValueError, "optimizer.lrr is not an argument of torch.optim.SGD"),
+        ("+lip.lamda=0.1", ValueError, "lip.lamda is not a setting of lip"),
+        ("+seeds=3", ValueError, "seeds is not a setting of the config"),
+        ("adv.eps=abc", ConfigCompositionException, "adv.eps"),
+        ("lip.scaling=sum", ConfigCompositionException, "lip.scaling"),
+        ("adv.eps=-0.1", ValueError, "adv.eps must be >= 0"),
+        ("lip.lam=-1", ValueError, "lip.lam must be >= 0"),
+        ("lip.norm=3", ValueError, "lip.norm must be 1 or 2"),
+        ("lip.target=-1", ValueError, "lip.target"),
+        ("data.batch_size=0", ValueError, "data.batch_size must be > 0"),
+    ],
+)
+def test_bad_values_are_refused_with_a_message(make_cfg, override, error, message):
+    with pytest.raises(error) as info:
+        validate(make_cfg(override))
+    text = str(info.value) + str(info.value.__cause__ or "")
+    assert message in text
+
+
+def test_none_options_take_no_size(make_cfg):
+    with pytest.raises(ConfigCompositionException):
+        make_cfg("adv=none", "adv.eps=0.1")
+    with pytest.raises(ConfigCompositionException):
+        make_cfg("lip=none", "lip.lam=0.1")

@@ -1,0 +1,64 @@
+"""The LightningModule composes any defence: all adv x lip x head combinations train."""
+
+import itertools
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from lipexp.train import build
+
+COMBOS = list(itertools.product(["none", "fgsm", "l2"], ["none", "l1", "l2"], ["linear", "tanh"]))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead on a 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("adv,lip,head", COMBOS, ids=["-".join(c) for c in COMBOS])
+def test_every_combination_completes_a_fast_dev_run(make_cfg, adv, lip, head):
+    cfg = make_cfg(f"adv={adv}", f"lip={lip}", f"head={head}", "trainer.fast_dev_run=true",
+                   "logger=none", "model.width=8")
+    module, datamodule, trainer = build(cfg)
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer.fit(module, datamodule=datamodule)
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"])
+    assert ("train/penalty" in metrics) == (lip != "none")
+    if lip != "none":
+        assert metrics["train/grad_norm_max"] >= metrics["train/grad_norm_mean"] > 0
+        torch.testing.assert_close(metrics["train/loss"],
+                                   metrics["train/ce"] + metrics["train/penalty"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_training_step_is_the_composition_of_the_defences(make_cfg):
+    """loss = objective(net, perturb(net, x, y), y), with the net in train mode."""
+    cfg = make_cfg("adv=l2", "adv.eps=0.5", "lip=l2", "lip.scaling=per_example")
+    module, datamodule, _ = build(cfg)
+    datamodule.setup("fit")
+    x, y = next(iter(datamodule.train_dataloader()))
+    x = x.float()
+    module.train()
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    loss = module.training_step((x, y), 0)
+    module.load_state_dict(state)  # the step updated BN running stats, which eval mode uses
+    x_adv = instantiate(cfg.adv)(module.net, x, y)
+    assert not torch.equal(x_adv, x)
+    expected, _ = instantiate(cfg.lip)(module.net, x_adv, y)
+    torch.testing.assert_close(loss, expected)
+    assert module.net.training
+
+
+def test_checkpoint_carries_the_config(make_cfg, tmp_path):
+    cfg = make_cfg("trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=none",
+                   "model.width=8")
+    module, datamodule, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["lipexp_config"]["lip"]["lam"] == cfg.lip.lam
+    assert ckpt["lipexp_config"]["paths"]["output_dir"] == str(tmp_path / "run")

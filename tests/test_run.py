@@ -1,0 +1,127 @@
+"""End to end: run.py from the command line, results.json, resume, real MNIST files."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lipexp.train import RunFolderError, run
+
+from .conftest import REPO, SHARED_DATASETS
+
+
+def run_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**__import__("os").environ,
+                                                           "WANDB_MODE": "disabled"})
+
+
+def test_run_py_writes_results_and_checkpoints(tmp_path):
+    out = tmp_path / "cli"
+    proc = run_py("trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+                  f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert 0.0 <= results["clean"]["error"] <= 1.0 and results["clean"]["loss"] > 0
+    assert results["config"]["trainer"]["max_epochs"] == 2
+    assert results["config"]["adv"]["eps"] == 0.01  # the resolved config, not the overrides
+    assert (out / "checkpoints" / "last.ckpt").exists()
+    assert (out / "checkpoints" / "best.ckpt").exists()
+    assert (out / ".hydra" / "config.yaml").exists()
+    header = (out / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for key in ["train/loss", "train/ce", "train/penalty", "train/grad_norm_max",
+                "train/grad_norm_mean", "train/acc", "val/acc", "val/loss", "train/lr"]:
+        assert key in header
+    assert f"Run folder: {out}" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("adv=pgd", "Available options in 'adv'"), ("lip.norm=3", "lip.norm must be 1 or 2"),
+     ("adv.eps=-1", "adv.eps must be >= 0"), ("adv.epss=1", "adv.epss")],
+)
+def test_run_py_refuses_bad_overrides(tmp_path, override, message):
+    proc = run_py(override, f"hydra.run.dir={tmp_path / 'bad'}")
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (tmp_path / "bad" / "results.json").exists()  # stopped before any work
+
+
+def test_default_run_reaches_five_percent_error(make_cfg):
+    """The main job (python run.py: digits, small CNN, J2-Lip2 & tanh, 40 epochs)."""
+    results = run(make_cfg("logger=none"))
+    assert results["status"] == "completed"
+    assert results["clean"]["error"] <= 0.05
+
+
+class CrashAtEpoch(pl.Callback):
+    """Simulates a killed job: raises when ``epoch`` starts."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+def test_crash_is_recorded_and_resume_continues(make_cfg, tmp_path):
+    base = ["trainer.max_epochs=3", "+trainer.limit_train_batches=3", "model.width=8"]
+    crash = f"+callbacks.crash={{_target_:{__name__}.CrashAtEpoch,epoch:2}}"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(make_cfg(*base, crash))
+    out = tmp_path / "run"
+    failed = json.loads((out / "results.json").read_text())
+    assert failed["status"] == "failed" and "simulated crash" in failed["error"]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+
+    with pytest.raises(RunFolderError, match="resume=true"):  # nothing is overwritten
+        run(make_cfg(*base))
+    results = run(make_cfg(*base, "resume=true"))
+    assert results["status"] == "completed"
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
+    # The resumed run trained epoch 2 only: its metrics start there, in a new log version.
+    with open(out / "csv" / "version_1" / "metrics.csv") as f:
+        epochs = {int(r["epoch"]) for r in csv.DictReader(f) if r["train/lr"]}
+    assert epochs == {2}
+
+    mtime = (out / "checkpoints" / "last.ckpt").stat().st_mtime
+    assert run(make_cfg(*base))["status"] == "completed"  # finished: not trained again
+    assert (out / "checkpoints" / "last.ckpt").stat().st_mtime == mtime
+
+
+def test_resume_without_a_checkpoint_is_refused(make_cfg):
+    with pytest.raises(RunFolderError, match="no .*last.ckpt"):
+        run(make_cfg("resume=true"))
+
+
+def test_mnist_run_reads_the_real_files(make_cfg, tmp_path):
+    raw = SHARED_DATASETS / "MNIST" / "raw"
+    if not raw.is_dir():
+        pytest.skip(f"{raw} does not exist on this machine")
+    data_dir = tmp_path / "data"
+    shutil.copytree(raw, data_dir / "MNIST" / "raw")  # extraction writes beside the archives
+    cfg = make_cfg("data=mnist", f"data.data_dir={data_dir}", "data.download=false",
+                   "trainer.max_epochs=1", "+trainer.limit_train_batches=20",
+                   "+trainer.limit_test_batches=4", "trainer.limit_val_batches=2",
+                   "logger=none", "model.width=8")
+    results = run(cfg)
+    assert results["status"] == "completed"
+    assert results["data"] == {"n_train": 60000, "n_test": 10000}
+    assert 0.0 <= results["clean"]["error"] <= 1.0
+    assert results["config"]["data"]["source"]["_target_"] == "lipexp.data.sources.mnist"
+
+
+def test_missing_data_names_folder_and_files(make_cfg, tmp_path):
+    cfg = make_cfg("data=cifar10", f"data.data_dir={tmp_path / 'empty'}", "data.download=false",
+                   "model=resnet34", "logger=none")
+    with pytest.raises(FileNotFoundError) as info:
+        run(cfg)
+    assert str(tmp_path / "empty" / "cifar-10-batches-py") in str(info.value)
+    assert "data_batch_1" in str(info.value)
