@@ -7,14 +7,14 @@ class AllCNN(nn.Module):
     """AllCNN-C with batch normalization, about 1.7M parameters.
 
     Eight 3x3 convolutions (padding 1) with 96, 96, 96 (stride 2), 192, 192, 192
-    (stride 2), 192, 192 channels, each followed by BatchNorm2d without affine parameters
-    and ReLU; then a 1x1 convolution to the classes and global average pooling.
+    (stride 2), 192, 192 channels, then a 1x1 convolution to the classes, each followed by
+    BatchNorm2d without affine parameters and ReLU; then global average pooling.
     32x32 inputs give 8x8 class maps. No dropout (the study's recipe has none).
 
     Input (B, in_channels, H, W), output logits (B, num_classes).
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 3, class_bn_relu: bool = True) -> None:
         super().__init__()
         # (output channels, stride) of the eight 3x3 convolutions
         spec = [(96, 1), (96, 1), (96, 2), (192, 1), (192, 1), (192, 2), (192, 1), (192, 1)]
@@ -28,17 +28,19 @@ class AllCNN(nn.Module):
                 nn.ReLU(),
             ]
             c_in = c_out
-        # The class convolution: METHOD.md says every convolution is followed by BN and
-        # ReLU, but a ReLU (and a BN without affine parameters) on the class maps would
-        # force non-negative (resp. batch-centred, unit-scale) logits. Choice made here:
-        # the 1x1 class convolution keeps its bias and is followed by global average
-        # pooling only, so logits are unconstrained (the tanh head, when used, adds the
-        # logit BN of METHOD.md itself).
-        layers += [
-            nn.Conv2d(c_in, num_classes, 1),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),  # (B, classes, 1, 1) -> (B, classes)
-        ]
+        # The 1x1 class convolution. METHOD.md (and the authors' code, after Chaudhari's
+        # AllCNN) follow it with BN without affine parameters and ReLU too, which makes the
+        # logits non-negative and batch-normalised; `class_bn_relu=False` keeps plain
+        # logits (a biased 1x1 convolution and pooling only) for comparison.
+        if class_bn_relu:
+            layers += [
+                nn.Conv2d(c_in, num_classes, 1, bias=False),
+                nn.BatchNorm2d(num_classes, affine=False),
+                nn.ReLU(),
+            ]
+        else:
+            layers.append(nn.Conv2d(c_in, num_classes, 1))
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]  # (B, classes, 1, 1) -> (B, classes)
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
