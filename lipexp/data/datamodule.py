@@ -1,0 +1,140 @@
+"""Lightning data module over in-memory image tensors, with on-device augmentation."""
+
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lipexp.data.augment import augment
+from lipexp.data.sources import ImageArrays
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Whole image data set held in memory as tensors.
+
+    Loaders yield x in its stored dtype (uint8 for the torchvision sets: 4x less memory
+    and host-to-device traffic than float32) and y int64; `on_after_batch_transfer`
+    converts x to float32 in [0, 1] on the device and, while training, augments it.
+    Validation and test both use the test split.
+    """
+
+    def __init__(
+        self,
+        source: Callable[[str, bool], ImageArrays],
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        data_dir: str = "data",
+        download: bool = True,
+        batch_size: int = 128,
+        eval_batch_size: int = 500,
+        num_workers: int = 0,
+        crop_padding: int = 0,
+        flip: bool = False,
+        cutout: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in [
+            ("num_classes", num_classes),
+            ("in_channels", in_channels),
+            ("image_size", image_size),
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+        ]:
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        for name, value in [
+            ("num_workers", num_workers),
+            ("crop_padding", crop_padding),
+            ("cutout", cutout),
+        ]:
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.source = source
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.data_dir = data_dir
+        self.download = download
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.cutout = cutout
+        self._arrays: ImageArrays | None = None
+        self._train: TensorDataset | None = None
+        self._test: TensorDataset | None = None
+
+    def prepare_data(self) -> None:
+        # Runs once per node (rank 0): download here; the arrays are kept for setup().
+        if self.download:
+            self._arrays = self.source(self.data_dir, True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._train is not None:
+            return
+        # Other ranks (or download=False) load files that prepare_data already fetched.
+        arrays = self._arrays if self._arrays is not None else self.source(self.data_dir, False)
+        self._arrays = None  # the datasets below hold the tensors
+        expected = (self.in_channels, self.image_size, self.image_size)
+        for split, x, y in [
+            ("train", arrays.train_x, arrays.train_y),
+            ("test", arrays.test_x, arrays.test_y),
+        ]:
+            if tuple(x.shape[1:]) != expected:
+                raise ValueError(
+                    f"{split} images: expected shape (N, {', '.join(map(str, expected))}) "
+                    f"from in_channels/image_size, found {tuple(x.shape)}"
+                )
+            if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
+                raise ValueError(
+                    f"{split} labels: expected in [0, {self.num_classes}), "
+                    f"found [{int(y.min())}, {int(y.max())}]"
+                )
+        self._train = TensorDataset(arrays.train_x, arrays.train_y)
+        self._test = TensorDataset(arrays.test_x, arrays.test_y)
+
+    @property
+    def num_train(self) -> int:
+        """Number of training examples (after setup)."""
+        if self._train is None:
+            raise RuntimeError("call setup() first")
+        return len(self._train)
+
+    @property
+    def num_test(self) -> int:
+        """Number of test examples (after setup)."""
+        if self._test is None:
+            raise RuntimeError("call setup() first")
+        return len(self._test)
+
+    def _loader(self, dataset: TensorDataset, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            # Drop the last, smaller batch (uneven batch statistics), unless it is the only one.
+            drop_last=train and len(dataset) > batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._train, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._test, self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._test, self.eval_batch_size, train=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Convert x to float32 in [0, 1] on the device; augment during training only."""
+        x, y = batch
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        if self.trainer is not None and self.trainer.training:
+            x = augment(x, self.crop_padding, self.flip, self.cutout)
+        return x, y
