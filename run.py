@@ -6,16 +6,18 @@ Returns the clean test error (the metric a Hydra sweeper minimizes).
 import hydra
 from omegaconf import DictConfig
 
-from lipexp.config import register
+from lipexp.config import Mode, register
 
 register()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from lipexp.train import run  # imported here: torch loads after Hydra parsed the command
+    # imported here: torch loads only after Hydra has parsed the command line
+    from lipexp.train import evaluate_checkpoint, run
 
-    return run(cfg)["clean"]["error"]
+    results = {Mode.train: run, Mode.eval: evaluate_checkpoint}[Mode(cfg.mode)](cfg)
+    return results["clean"]["error"] if "clean" in results else results["clean_error"]
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ class Method(str, Enum):
 
 
 class Mode(str, Enum):
-    train = "train"
+    train = "train"  # train, then evaluate
+    eval = "eval"  # evaluate the checkpoint at ckpt_path with its own config
 
 
 @dataclass
@@ -119,6 +120,27 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The robustness evaluation at the end of a run (``lipexp.evaluation``)."""
+
+    _target_: str = "lipexp.evaluation.callback.RobustnessEvaluation"
+    n_images: int | None = None  # the first n test images; None: all
+    batch_size: int = 500
+    error_at_l2: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.5, 1.5])
+    error_at_linf: list[float] = field(default_factory=lambda: [2 / 255, 8 / 255])
+    grid_points: int = 100
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.n_images is None or self.n_images > 0,
+               f"eval.n_images must be > 0 or null (all), got {self.n_images}")
+        _check(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
+        _check(self.grid_points >= 2, f"eval.grid_points must be >= 2, got {self.grid_points}")
+        sizes = [*self.error_at_l2, *self.error_at_linf]
+        _check(all(s >= 0 for s in sizes), f"eval.error_at_* sizes must be >= 0, got {sizes}")
+
+
+@dataclass
 class Config:
     """The root: one key per group, plus the run's own settings."""
 
@@ -132,6 +154,9 @@ class Config:
     trainer: Any = MISSING
     logger: Any = None
     callbacks: Any = field(default_factory=dict)
+    eval: Any = MISSING
+    attacks: Any = field(default_factory=dict)  # name -> attack (conf/attacks/)
+    ckpt_path: str | None = None  # mode=eval: the checkpoint to evaluate
     paths: Any = MISSING
     seed: int = 0
     resume: bool = False  # continue this run's folder from its last.ckpt
@@ -155,6 +180,7 @@ def register() -> None:
     cs.store(group="schema/lip", name="none", node=NoLipConfig)
     cs.store(group="schema/lip", name="penalty", node=LipConfig)
     cs.store(group="schema/data", name="image", node=DataConfig)
+    cs.store(group="schema/eval", name="default", node=EvalConfig)
 
 
 def _join(path: str, key: str) -> str:
@@ -169,7 +195,7 @@ def _check_keys(node: Any, path: str) -> None:
     """
     if not isinstance(node, DictConfig):
         return
-    keys = [str(k) for k in node.keys()]
+    keys = [str(k) for k in node]
     schema = OmegaConf.get_type(node)
     if dataclasses.is_dataclass(schema):
         allowed = {f.name for f in dataclasses.fields(schema)}
@@ -182,7 +208,8 @@ def _check_keys(node: Any, path: str) -> None:
         accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
         unknown = [k for k in keys if not k.startswith("_") and k not in params]
         _check(accepts_any or not unknown,
-               f"{_join(path, unknown[0] if unknown else '')} is not an argument of {node._target_}; "
+               f"{_join(path, unknown[0] if unknown else '')} is not an argument of "
+               f"{node._target_}; "
                f"allowed: {', '.join(p for p in params if p not in ('model', 'x', 'y'))}")
     for k in keys:
         _check_keys(node._get_node(k), _join(path, k))

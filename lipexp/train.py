@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lipexp.config import validate
+from lipexp.evaluation.callback import RobustnessEvaluation
 from lipexp.module import RobustClassifier
 from lipexp.utils import write_json_atomic
 
@@ -67,10 +68,34 @@ def build(cfg: DictConfig) -> tuple[RobustClassifier, pl.LightningDataModule, pl
         config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
     )
     datamodule = instantiate(cfg.data)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [evaluation_callback(cfg)]
     logger = instantiate(cfg.logger) if cfg.logger else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     return module, datamodule, trainer
+
+
+def evaluation_callback(cfg: DictConfig) -> RobustnessEvaluation:
+    # Hydra instantiates the attacks recursively; "partial" hands them over as a plain dict
+    return instantiate(cfg.eval, attacks=cfg.attacks, output_dir=cfg.paths.output_dir,
+                       _convert_="partial")
+
+
+def _check_run_folder(cfg: DictConfig, results_path: Path, last: Path) -> dict | None:
+    """The completed results of this folder, or None when work is to be done; refuses to
+    overwrite an unfinished run (RunFolderError)."""
+    previous = read_results(results_path)
+    if previous is not None and previous.get("status") == "completed":
+        log.info("%s is already completed; nothing to do (delete it to run again)",
+                 results_path.parent)
+        return previous
+    if cfg.resume and not last.exists():
+        raise RunFolderError(f"resume=true but there is no {last} to resume from")
+    if not cfg.resume and last.exists():
+        raise RunFolderError(
+            f"{results_path.parent} holds an unfinished run ({last}); pass resume=true to "
+            "continue it, or delete the folder to start again"
+        )
+    return None
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -82,17 +107,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)  # range checks of the typed schemas, before any work
     out = Path(cfg.paths.output_dir)
     results_path, last = out / "results.json", out / "checkpoints" / "last.ckpt"
-    previous = read_results(results_path)
-    if previous is not None and previous.get("status") == "completed":
-        log.info("%s is already completed; nothing to do (delete it to run again)", out)
+    previous = _check_run_folder(cfg, results_path, last)
+    if previous is not None:
         return previous
-    if cfg.resume and not last.exists():
-        raise RunFolderError(f"resume=true but there is no {last} to resume from")
-    if not cfg.resume and last.exists():
-        raise RunFolderError(
-            f"{out} holds an unfinished run ({last}); pass resume=true to continue it, "
-            "or delete the folder to start again"
-        )
 
     pl.seed_everything(cfg.seed, workers=True)
     module, datamodule, trainer = build(cfg)
@@ -112,6 +129,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
         results["clean"] = {"error": 1.0 - test["test/acc"], "loss": test["test/loss"]}
         results["data"] = {"n_train": datamodule.num_train, "n_test": datamodule.num_test}
+        evaluation = next(c for c in trainer.callbacks if isinstance(c, RobustnessEvaluation))
+        results |= evaluation.results or {}
         results.update(status="completed", finished=_now())
     except BaseException as e:  # recorded, then re-raised: the folder says why it stopped
         results.update(status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
@@ -122,4 +141,48 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         log.info("clean test error %.4f; run folder: %s", results["clean"]["error"], out)
         print(f"Run folder: {out.resolve()}")
+    return results
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
+    """``mode=eval``: the robustness evaluation of ``cfg.ckpt_path`` with the checkpoint's own
+    config; only ``eval``, ``attacks`` and the output folder come from this command."""
+    validate(cfg)
+    if not cfg.ckpt_path or not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"mode=eval needs ckpt_path=PATH of a checkpoint, got "
+                                f"{cfg.ckpt_path!r}")
+    out = Path(cfg.paths.output_dir)
+    results_path = out / "results.json"
+    checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)
+    if "lipexp_config" not in checkpoint:
+        raise ValueError(f"{cfg.ckpt_path} has no lipexp_config: not a lipexp checkpoint")
+    run_cfg = OmegaConf.create(checkpoint["lipexp_config"])
+    run_cfg.eval, run_cfg.attacks = cfg.eval, cfg.attacks
+    run_cfg.paths.output_dir = str(out)
+    pl.seed_everything(run_cfg.seed, workers=True)
+    module = RobustClassifier(
+        model=instantiate(run_cfg.model), head=instantiate(run_cfg.head),
+        perturb=instantiate(run_cfg.adv), objective=instantiate(run_cfg.lip),
+        optimizer=instantiate(run_cfg.optimizer),
+    )
+    module.load_state_dict(checkpoint["state_dict"])
+    module.to("cuda" if torch.cuda.is_available() else "cpu")
+    datamodule = instantiate(run_cfg.data)
+    datamodule.setup("test")
+    results: dict[str, Any] = {
+        "status": "running", "mode": "eval", "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+        "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step"),
+        "config": OmegaConf.to_container(run_cfg, resolve=True, enum_to_str=True),
+        "output_dir": str(out.resolve()), "started": _now(), "provenance": provenance(),
+    }
+    write_json_atomic(results_path, results)
+    try:
+        results |= evaluation_callback(run_cfg).run(module, datamodule)
+        results.update(status="completed", finished=_now())
+    except BaseException as e:
+        results.update(status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
+        raise
+    finally:
+        write_json_atomic(results_path, results)
+    print(f"Run folder: {out.resolve()}")
     return results

@@ -24,7 +24,7 @@ def run_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_run_py_writes_results_and_checkpoints(tmp_path):
     out = tmp_path / "cli"
     proc = run_py("trainer.max_epochs=2", "trainer.enable_progress_bar=false",
-                  f"hydra.run.dir={out}")
+                  "eval.n_images=30", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "completed"
@@ -72,7 +72,8 @@ class CrashAtEpoch(pl.Callback):
 
 
 def test_crash_is_recorded_and_resume_continues(make_cfg, tmp_path):
-    base = ["trainer.max_epochs=3", "+trainer.limit_train_batches=3", "model.width=8"]
+    base = ["trainer.max_epochs=3", "+trainer.limit_train_batches=3", "model.width=8",
+            "eval.n_images=10"]
     crash = f"+callbacks.crash={{_target_:{__name__}.CrashAtEpoch,epoch:2}}"
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(make_cfg(*base, crash))
@@ -110,10 +111,11 @@ def test_mnist_run_reads_the_real_files(make_cfg, tmp_path):
     cfg = make_cfg("data=mnist", f"data.data_dir={data_dir}", "data.download=false",
                    "trainer.max_epochs=1", "+trainer.limit_train_batches=20",
                    "+trainer.limit_test_batches=4", "trainer.limit_val_batches=2",
-                   "logger=none", "model.width=8")
+                   "logger=none", "model.width=8", "eval.n_images=20")
     results = run(cfg)
     assert results["status"] == "completed"
     assert results["data"] == {"n_train": 60000, "n_test": 10000}
+    assert results["attacks"]["l2_pgd"]["n_images"] == 20
     assert 0.0 <= results["clean"]["error"] <= 1.0
     assert results["config"]["data"]["source"]["_target_"] == "lipexp.data.sources.mnist"
 

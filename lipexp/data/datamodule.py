@@ -10,6 +10,11 @@ from lipexp.data.augment import augment
 from lipexp.data.sources import ImageArrays
 
 
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Images as float32 in [0, 1]: uint8 pixels are divided by 255, floats kept."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Whole image data set held in memory as tensors.
 
@@ -110,6 +115,12 @@ class ImageDataModule(pl.LightningDataModule):
             raise RuntimeError("call setup() first")
         return len(self._test)
 
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole test split (x in its stored dtype, y), in its fixed order (after setup)."""
+        if self._test is None:
+            raise RuntimeError("call setup() first")
+        return self._test.tensors[0], self._test.tensors[1]
+
     def _loader(self, dataset: TensorDataset, batch_size: int, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
@@ -134,7 +145,7 @@ class ImageDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Convert x to float32 in [0, 1] on the device; augment during training only."""
         x, y = batch
-        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        x = to_unit(x)
         if self.trainer is not None and self.trainer.training:
             x = augment(x, self.crop_padding, self.flip, self.cutout)
         return x, y

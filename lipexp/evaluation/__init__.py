@@ -1,0 +1,8 @@
+"""Evaluation of trained models (METHOD.md "Evaluation protocol").
+
+- curves.py: error curves ``C(eps)``, median adversarial distance and error at given sizes,
+  from per-image adversarial distances.
+- stability.py: per-example stability statistics (input-gradient norms of the loss and
+  induced norms of the Jacobian of the logits), model in eval mode.
+- plots.py: figure and CSV of error curves.
+"""

@@ -1,0 +1,149 @@
+"""The study's robustness evaluation of a trained network (METHOD.md, "Evaluation protocol").
+
+For each attack: per-image adversarial distances, then the error curve, the median
+distance and the error at given sizes; for the network: clean error and the stability
+statistics; and self-checks for gradient masking. ``write_outputs`` puts the numbers in
+the run folder.
+"""
+
+import logging
+import os
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lipexp.attacks.threat import Norm
+from lipexp.data.datamodule import to_unit
+from lipexp.evaluation.attacks import PGDSearch, SquareGrid, settings
+from lipexp.evaluation.curves import error_at, summarize
+from lipexp.evaluation.plots import plot_error_curves, write_curves_csv
+from lipexp.evaluation.stability import reduce_statistics, stability_statistics
+
+log = logging.getLogger(__name__)
+VANISHING = 1e-12  # an input gradient below this l2 norm counts as vanished
+
+
+@dataclass
+class Evaluation:
+    results: dict[str, Any]  # JSON-ready: clean, attacks, stability, checks, evaluation
+    distances: dict[str, np.ndarray]  # attack -> (n,) per-image distances
+    indices: np.ndarray  # (n,) test-set index of each evaluated image
+
+
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attacks: dict[str, Any],
+    *,
+    error_at_sizes: dict[Norm, list[float]],
+    indices: Tensor | None = None,
+    batch_size: int = 500,
+    grid_points: int = 100,
+    bf16: bool = False,
+) -> Evaluation:
+    """Evaluate ``model`` on images ``x`` (N, C, H, W; uint8 or float in [0, 1]), labels ``y``.
+
+    Images are attacked ``batch_size`` at a time on the model's device; ``bf16`` runs the
+    attacks under bfloat16 autocast (clean error and stability statistics stay fp32).
+    """
+    device = next(model.parameters()).device
+    indices = torch.arange(len(x)) if indices is None else indices
+    distances: dict[str, list[Tensor]] = {name: [] for name in attacks}
+    stats: list[dict[str, Tensor]] = []
+    wrong: list[Tensor] = []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    for start in range(0, len(x), batch_size):
+        xb = to_unit(x[start:start + batch_size].to(device))
+        yb = y[start:start + batch_size].to(device)
+        with torch.no_grad():
+            wrong.append((model(xb).argmax(1) != yb).cpu())
+        stats.append({k: v.cpu() for k, v in stability_statistics(model, xb, yb).items()})
+        with autocast:
+            for name, attack in attacks.items():
+                distances[name].append(attack.distances(model, xb, yb).detach().float().cpu())
+    d = {name: torch.cat(parts).numpy() for name, parts in distances.items()}
+    per_example = {k: torch.cat([s[k] for s in stats]) for k in stats[0]}
+    clean_wrong = torch.cat(wrong)
+
+    results: dict[str, Any] = {
+        "evaluation": {"n_images": len(x), "batch_size": batch_size, "bf16": bf16},
+        "clean_error": clean_wrong.double().mean().item(),
+        "attacks": {},
+        "stability": reduce_statistics(per_example),
+    }
+    results["stability"]["scale"] = "per-example norms (the paper's columns divide by 100)"
+    for name, attack in attacks.items():
+        entry: dict[str, Any] = {"norm": attack.norm.value}
+        if attack.fixed_size is None:
+            entry |= summarize(d[name], error_at_sizes[attack.norm], num=grid_points)
+        else:
+            entry |= {"eps": attack.fixed_size, "n_images": len(x),
+                      "error_at": error_at(d[name], [attack.fixed_size])}
+        entry["settings"] = settings(attack)
+        results["attacks"][name] = entry
+    results["checks"] = gradient_masking_checks(attacks, d, per_example, clean_wrong)
+    for warning in results["checks"]["warnings"]:
+        log.warning("gradient masking check: %s", warning)
+    return Evaluation(results, d, indices.cpu().numpy())
+
+
+def gradient_masking_checks(attacks: dict[str, Any], distances: dict[str, np.ndarray],
+                            per_example: dict[str, Tensor], clean_wrong: Tensor) -> dict:
+    """Warnings for the usual signs of gradient masking (Athalye et al. 2018):
+
+    - the input gradient of the loss vanishes on correctly classified images;
+    - a weaker attack (black-box Square, or a one-step attack) breaks more images at some
+      size than the iterative PGD of the same norm.
+    """
+    warnings = []
+    correct = ~clean_wrong
+    vanished = (per_example["grad_loss_l2"][correct] < VANISHING).double().mean().item()
+    if correct.any() and vanished > 0.01:
+        warnings.append(f"the input gradient vanishes on {100 * vanished:.1f}% of correctly "
+                        "classified images: gradient-based attacks may be masked")
+    strong = {a.norm: n for n, a in attacks.items()
+              if isinstance(a, PGDSearch) and a.steps > 1}
+    for name, attack in attacks.items():
+        weaker = isinstance(attack, SquareGrid) or (isinstance(attack, PGDSearch)
+                                                    and attack.steps == 1)
+        if not weaker or attack.norm not in strong:
+            continue
+        ref = distances[strong[attack.norm]]
+        for size in np.unique(distances[name][np.isfinite(distances[name])]):
+            if size > 0 and (distances[name] <= size).sum() > (ref <= size).sum():
+                warnings.append(f"{name} breaks more images than {strong[attack.norm]} at "
+                                f"{attack.norm.value} size {size:.4g}: the white-box attack "
+                                "is too weak or gradients are masked")
+                break
+    return {"warnings": warnings, "vanishing_gradient_fraction": vanished}
+
+
+def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(evaluation: Evaluation, out_dir: str | os.PathLike) -> dict[str, str]:
+    """error_curves.csv, distances.npz (with the image indices), error_curves.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {n: a for n, a in evaluation.results["attacks"].items() if "curve" in a}
+    files = {"curves_csv": out / "error_curves.csv", "distances": out / "distances.npz",
+             "figure": out / "error_curves.png"}
+    write_curves_csv(curves, files["curves_csv"])
+    _save_npz_atomic(files["distances"], {"indices": evaluation.indices, **evaluation.distances})
+    plot_error_curves(curves, files["figure"])
+    return {k: str(v) for k, v in files.items()}

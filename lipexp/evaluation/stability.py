@@ -1,0 +1,71 @@
+"""Stability statistics of a model at each example (METHOD.md "Evaluation protocol").
+
+Notation: ``f(x)`` (K,) are the model's logits at an image ``x`` (n = C*H*W inputs),
+``J = d f / d x`` (K, n) their Jacobian, ``l(x) = CE(f(x), y)`` the loss and
+``g = grad_x l(x)`` (n,). ``||A||_{p,q} = max_{x != 0} ||Ax||_q / ||x||_p`` is the induced
+norm. Per example:
+
+- ``grad_loss_l2 = ||g||_2`` and ``grad_loss_l1 = ||g||_1`` (per-example norms, NOT divided
+  by a batch size as the paper's batch-mean columns are);
+- ``jac_2_inf = ||J||_{2,inf} = max_k ||J[k, :]||_2``, the largest l2 norm of a row;
+- ``jac_1_1 = ||J||_{1,1} = max_j ||J[:, j]||_1``, the largest l1 norm of a column.
+
+The dataset statistics are the max (and mean) of these over the test set
+(``reduce_statistics``).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lipexp.utils import eval_mode
+
+STATISTICS = ("grad_loss_l2", "grad_loss_l1", "jac_2_inf", "jac_1_1")
+
+
+def stability_statistics(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """The four statistics above for each example of ``x`` (B, ...), as (B,) tensors.
+
+    The model is in eval mode during the call (each module's mode is restored after) and
+    only the input is differentiated, so the parameters' ``.grad`` are untouched.
+
+    The Jacobian takes K backward passes, row ``k`` being ``grad_x sum_i f_k(x_i)``: in eval
+    mode the examples do not interact, so the gradient of the sum w.r.t. ``x_i`` is
+    ``d f_k(x_i) / d x_i``. The rows are reduced as they come (memory O(B n), not O(B K n)),
+    and the loss gradient follows from them by the chain rule,
+    ``g = J^T (softmax(f) - onehot(y))``, without another backward pass.
+    """
+    x = x.detach().clone().requires_grad_(True)  # clone keeps the memory format
+    with eval_mode(model), torch.enable_grad():
+        logits = model(x)  # (B, K)
+        if logits.dim() != 2:
+            raise ValueError(f"expected logits of shape (B, K), got {tuple(logits.shape)}")
+        b, k = logits.shape
+        # d l / d f = softmax(f) - onehot(y), per example
+        dl_df = (logits.detach().softmax(dim=1) - F.one_hot(y, k).to(logits.dtype))  # (B, K)
+        g = x.new_zeros(b, x[0].numel())  # (B, n): grad_x l, accumulated over the rows
+        col_l1 = x.new_zeros(b, x[0].numel())  # (B, n): sum_k |J[k, j]|
+        row_l2 = x.new_zeros(b)  # (B,): max_k ||J[k, :]||_2
+        for c in range(k):
+            (row,) = torch.autograd.grad(logits[:, c].sum(), x, retain_graph=c < k - 1)
+            row = row.flatten(1)  # (B, n), in logical (C, H, W) order for any memory format
+            g += dl_df[:, c : c + 1] * row
+            col_l1 += row.abs()
+            row_l2 = torch.maximum(row_l2, torch.linalg.vector_norm(row, ord=2, dim=1))
+    return {
+        "grad_loss_l2": torch.linalg.vector_norm(g, ord=2, dim=1),
+        "grad_loss_l1": torch.linalg.vector_norm(g, ord=1, dim=1),
+        "jac_2_inf": row_l2,
+        "jac_1_1": col_l1.amax(dim=1),
+    }
+
+
+def reduce_statistics(per_example: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+    """``{name: {"max": max_i s_i, "mean": mean_i s_i}}`` over the examples (Python floats).
+
+    Concatenate the per-batch tensors of a test set first (``torch.cat``).
+    """
+    return {
+        name: {"max": float(s.max()), "mean": float(s.double().mean())}
+        for name, s in per_example.items()
+    }

@@ -1,0 +1,328 @@
+"""Attacks (lipexp.attacks) against closed forms: threat models, PGD and its one-step
+configs, and the adversarial distance search against the exact distances of linear models."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lipexp.attacks.pgd import PGD
+from lipexp.attacks.search import adversarial_distances
+from lipexp.attacks.threat import THREATS, Norm
+
+K, SHAPE = 10, (1, 6, 6)  # classes, image shape (C, H, W)
+D = 36  # input dimension C*H*W
+DUAL = {Norm.l2: 2, Norm.linf: 1}  # the exact distance divides by the dual norm of w_y - w_j
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def linear_model(dtype=torch.float32, seed=0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, K)).to(dtype)
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(K, D, generator=g))
+        model[1].bias.copy_(torch.randn(K, generator=g))
+    return model
+
+
+def interior_batch(model: nn.Module, b: int = 32, wrong: int = 3, seed=1):
+    """Images in [0.4, 0.6] (the box does not bind), labelled by the model except the first
+    ``wrong`` (misclassified clean)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (0.4 + 0.2 * torch.rand(b, *SHAPE, generator=g)).to(model[1].weight.dtype)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:wrong] = (y[:wrong] + 1) % K
+    return x, y
+
+
+def exact_distances(model: nn.Module, x, y, norm: Norm):
+    """``min_{j != y} (z_y - z_j) / ||w_y - w_j||_*`` (0 where misclassified clean), in
+    float64, with the minimizing perturbations (B, D): ``d u`` where ``u`` is the unit
+    (in ``norm``) direction of steepest ascent of ``z_j - z_y``."""
+    w, bias = model[1].weight.double(), model[1].bias.double()
+    z = x.flatten(1).double() @ w.T + bias  # (B, K)
+    dw = w[None] - w[y][:, None]  # (B, K, D): w_j - w_y
+    margin = z.gather(1, y[:, None]) - z  # (B, K): z_y - z_j
+    d = margin / torch.linalg.vector_norm(dw, ord=DUAL[norm], dim=2)
+    d[torch.arange(len(y)), y] = torch.inf
+    d, j = d.min(1)
+    dw = dw[torch.arange(len(y)), j]  # (B, D)
+    u = dw / dw.norm(dim=1, keepdim=True) if norm == Norm.l2 else dw.sign()
+    return d.clamp_min(0.0), d.clamp_min(0.0)[:, None] * u
+
+
+def max_rel_gap(found, exact) -> float:
+    broken = exact > 0
+    return ((found.double()[broken] - exact[broken]) / exact[broken]).max().item()
+
+
+# --- threat models ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", list(Norm))
+def test_project_stays_in_ball_and_box(norm):
+    threat, g = THREATS[norm], torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 4, 4, generator=g)
+    eps = torch.linspace(0.0, 2.0, 8)  # per image, 0 included
+    x_adv = threat.project(x + 3 * torch.randn(8, 3, 4, 4, generator=g), x, eps)
+    assert (x_adv >= 0).all() and (x_adv <= 1).all()
+    assert (threat.norm(x_adv - x) <= eps * (1 + 1e-6) + 1e-7).all()
+    assert (x_adv[0] == x[0]).all()  # eps 0
+    inside = x + 1e-3 * torch.randn(8, 3, 4, 4, generator=g) * (eps[:, None, None, None] > 0)
+    inside = inside.clamp(0, 1)
+    torch.testing.assert_close(threat.project(inside, x, eps), inside)  # already feasible
+
+
+def test_l2_project_scales_onto_the_sphere():
+    x = torch.full((2, 1, 2, 2), 0.5)
+    delta = torch.tensor([0.3, -0.4, 0.0, 0.0]).reshape(1, 1, 2, 2).repeat(2, 1, 1, 1)  # norm 0.5
+    x_adv = THREATS[Norm.l2].project(x + delta, x, torch.tensor([0.1, 1.0]))
+    torch.testing.assert_close(x_adv[0], x[0] + 0.2 * delta[0])
+    torch.testing.assert_close(x_adv[1], x[1] + delta[1])
+
+
+def test_step_directions():
+    x = torch.full((2, 1, 2, 2), 0.5)
+    grad = torch.tensor([3.0, -4.0, 0.0, 0.0]).reshape(1, 1, 2, 2).repeat(2, 1, 1, 1)
+    grad[1] = 0  # no gradient: no move
+    size = torch.tensor([0.1, 0.1])
+    l2, linf = THREATS[Norm.l2].step(x, grad, size), THREATS[Norm.linf].step(x, grad, size)
+    torch.testing.assert_close(l2[0], x[0] + 0.1 * grad[0] / 5)
+    torch.testing.assert_close(linf[0], x[0] + 0.1 * grad[0].sign())
+    assert (l2[1] == x[1]).all() and (linf[1] == x[1]).all()
+
+
+@pytest.mark.parametrize("norm", list(Norm))
+def test_init(norm):
+    threat, g = THREATS[norm], torch.Generator().manual_seed(0)
+    x, eps = torch.rand(16, 3, 4, 4, generator=g), torch.linspace(0.0, 1.0, 16)
+    assert torch.equal(threat.init(x, eps, random=False), x)
+    torch.manual_seed(1)  # not the seed of x
+    x0 = threat.init(x, eps, random=True)
+    assert (x0 >= 0).all() and (x0 <= 1).all()
+    assert (threat.norm(x0 - x) <= eps * (1 + 1e-6) + 1e-7).all()
+    assert (threat.norm(x0 - x)[1:] > 0).all()  # actually random
+
+
+# --- PGD --------------------------------------------------------------------------------
+
+
+def test_pgd_validation():
+    assert PGD("linf").norm is Norm.linf and PGD(Norm.l2).norm is Norm.l2
+    with pytest.raises(ValueError, match="'l2', 'linf'"):
+        PGD("l1")
+    for bad in ({"steps": 0}, {"rel_step": 0.0}, {"targets": -1}):
+        with pytest.raises(ValueError):
+            PGD("l2", **bad)
+
+
+@pytest.mark.parametrize("norm", list(Norm))
+def test_one_step_configs_are_fgsm_and_gradient_attack(norm):
+    """FGSM: clip(x + eps sign(g)); gradient attack: clip(x + eps g / ||g||_2), with
+    g = W^T (softmax(z) - onehot(y)); large eps so that the clip binds."""
+    model = linear_model(torch.float64)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(16, *SHAPE, generator=g, dtype=torch.float64)
+    y = torch.randint(0, K, (16,), generator=g)
+    eps = torch.linspace(0.05, 0.5, 16, dtype=torch.float64)
+    attack = PGD(norm=norm, steps=1, rel_step=1.0, targets=0)
+    x_adv, success = attack(model, x, y, eps)
+
+    w = model[1].weight
+    z = model(x).detach()
+    grad = ((z.softmax(1) - F.one_hot(y, K).double()) @ w).reshape(x.shape)
+    e = eps[:, None, None, None]
+    unit_l2 = grad / grad.flatten(1).norm(dim=1)[:, None, None, None]
+    step = grad.sign() if norm == Norm.linf else unit_l2
+    expected = (x + e * step).clamp(0, 1)
+    wrong = z.argmax(1) != y  # misclassified clean: returned as they are (norm 0)
+    expected[wrong] = x[wrong]
+    assert 0 < wrong.sum() < len(y)
+    assert ((x + e * step) < 0).any() or ((x + e * step) > 1).any()  # the clip binds somewhere
+    torch.testing.assert_close(x_adv, expected)
+    torch.testing.assert_close(success, model(expected).argmax(1) != y)
+
+
+def test_eps_zero_is_only_checked_clean():
+    model = linear_model()
+    x, y = interior_batch(model, b=6, wrong=2)
+    x_adv, success = PGD("l2")(model, x, y, torch.zeros(6))
+    assert torch.equal(x_adv, x)
+    assert success.tolist() == [True, True, False, False, False, False]
+
+
+@pytest.mark.parametrize("norm", list(Norm))
+def test_pgd_outputs_feasible_and_smallest_successful(norm):
+    model = linear_model()
+    x, y = interior_batch(model, b=16)
+    x = x.clamp(0.45, 0.55)
+    x[:8, 0, 0, :3] = torch.tensor([0.0, 1.0, 0.999])  # on and near the edges of the box
+    with torch.no_grad():
+        y[3:] = model(x[3:]).argmax(1)
+    exact, delta = exact_distances(model, x, y, norm)
+    eps = exact.float() * torch.tensor([0.7, 1.3]).repeat(8)  # either side of the exact one
+    eps[3] = 0.0
+    for random_start in (False, True):
+        torch.manual_seed(0)
+        x_adv, success = PGD(norm, random_start=random_start)(model, x, y, eps)
+        assert (x_adv >= 0).all() and (x_adv <= 1).all()
+        sizes = THREATS[norm].norm(x_adv - x)
+        assert (sizes <= eps * (1 + 1e-6) + 1e-7).all()
+        assert success[:3].all() and (sizes[:3] == 0).all()  # wrong clean: x itself
+        # an exact attack on a linear model: success iff eps exceeds the exact distance
+        reachable = ((x.flatten(1) + delta - 0.5).abs() <= 0.5).all(1)  # minimizer in box
+        clear = reachable & ((eps.double() - exact).abs() > 1e-4 * exact)
+        assert clear.sum() >= 6 and success[clear].any() and not success[clear].all()
+        assert torch.equal(success[clear], (eps.double() > exact)[clear])
+        assert (sizes[success].double() >= exact[success] * (1 - 1e-5)).all()
+
+
+# --- distances --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", list(Norm))
+def test_distances_of_a_linear_model_are_exact(norm):
+    model = linear_model()
+    x, y = interior_batch(model)
+    exact, delta = exact_distances(model, x, y, norm)
+    # the minimizers (and 10% beyond) lie well inside [0, 1]: the box does not bind
+    beyond = x.flatten(1).double() + 1.1 * delta
+    assert (beyond > 0.05).all() and (beyond < 0.95).all()
+    assert (exact[:3] == 0).all() and (exact[3:] > 0).all()
+
+    found = adversarial_distances(model, x, y, PGD(norm), norm, eps_init=0.01, eps_max=10.0)
+    assert (found[:3] == 0).all()
+    assert (found.double() >= exact * (1 - 1e-5)).all()  # no example beats the exact minimum
+    gap = max_rel_gap(found, exact)
+    print(f"{norm.value}: worst relative gap to the exact distance {gap:.4f}")
+    assert gap <= 0.02
+
+
+def test_unbroken_images_get_inf():
+    model = linear_model()
+    x, y = interior_batch(model, b=8, wrong=2)
+    found = adversarial_distances(model, x, y, PGD("l2"), "l2", eps_init=1e-5, eps_max=1e-4)
+    assert (found[:2] == 0).all() and found[2:].isinf().all()
+
+
+def test_targeted_runs_find_the_closest_class():
+    """y = 0; class 1 has the highest wrong logit but its boundary is 0.25 away in l2
+    (||w_0 - w_1|| = 2, gap 0.5); class 2 is far below (gap 10) but 0.1 away
+    (||w_0 - w_2|| = 100): the cross-entropy leans towards class 1, the targeted run towards
+    class 2 finds the exact distance."""
+    w, bias = torch.zeros(K, D), torch.zeros(K)
+    w[1, 1], bias[1] = 2.0, -1.5  # z_1 = -0.5 at x_1 = 0.5
+    w[2, 2], bias[2] = 100.0, -60.0  # z_2 = -10 at x_2 = 0.5
+    for j in range(3, K):  # the rest: far in both senses
+        w[j, j], bias[j] = 0.5, -20.0
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, K))
+    with torch.no_grad():
+        model[1].weight.copy_(w)
+        model[1].bias.copy_(bias)
+    x = 0.45 + 0.1 * torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(0))
+    x[:, 0, 0, 1:3] = 0.5
+    y = torch.zeros(4, dtype=torch.long)
+    z = model(x).detach()
+    assert (z[:, 1:].argmax(1) == 0).all()  # class 1 has the highest wrong logit
+    exact, _ = exact_distances(model, x, y, Norm.l2)
+    torch.testing.assert_close(exact, torch.full((4,), 0.1, dtype=torch.float64))
+
+    def distances(targets):
+        return adversarial_distances(model, x, y, PGD("l2", targets=targets), "l2", 0.01, 10.0)
+
+    assert max_rel_gap(distances(9), exact) <= 0.02
+    assert (distances(0).double() > 1.5 * exact).all()  # the untargeted run alone fails
+
+
+# --- the model is left as it was ---------------------------------------------------------
+
+
+def conv_model(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, K),
+    ).to(dtype)
+    with torch.no_grad():  # non-trivial running statistics (eval mode matters), sensitive
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.01, 0.05)
+        model[-1].weight.mul_(10.0)
+        model[-1].bias.zero_()
+    return model
+
+
+def conv_batch(model: nn.Module, b: int = 8):
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(b, 3, 8, 8, generator=g, dtype=model[0].weight.dtype)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)
+    model.train()
+    y[0] = (y[0] + 1) % K
+    return x, y
+
+
+def test_model_state_is_untouched():
+    model = conv_model()
+    x, y = conv_batch(model)
+    model.train()
+    model[4].eval()  # mixed modes, each restored as it was
+    model[3].weight.requires_grad_(False)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    modes = [m.training for m in model.modules()]
+    state = copy.deepcopy(model.state_dict())  # parameters and BN running statistics
+    flags = [p.requires_grad for p in model.parameters()]
+
+    attack = PGD("linf", steps=3, targets=2)
+    attack(model, x, y, torch.full((len(x),), 0.05))
+    adversarial_distances(model, x, y, attack, "linf", 0.01, 0.2)
+
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all((p.grad == 7.0).all() for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_channels_last_gives_the_same_distances():
+    model = conv_model(torch.float64)  # float64: rounding cannot flip a decision
+    x, y = conv_batch(model)
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert model_cl[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for norm in Norm:
+        d = adversarial_distances(model, x, y, PGD(norm), norm, 0.01, 10.0)
+        d_cl = adversarial_distances(model_cl, x_cl, y, PGD(norm), norm, 0.01, 10.0)
+        assert d.isfinite().all() and d[0] == 0
+        torch.testing.assert_close(d_cl, d, rtol=1e-4, atol=0.0)
+
+
+def test_works_under_inference_mode():
+    """Lightning validates and tests under torch.inference_mode: the attack still runs."""
+    model = conv_model()
+    x, y = conv_batch(model)
+    attack = PGD("l2", steps=3, targets=1)
+    expected = adversarial_distances(model, x, y, attack, "l2", 0.05, 10.0)
+    with torch.inference_mode():
+        x, y = x.clone(), y.clone()  # inference tensors, as a test_step receives them
+        found = adversarial_distances(model, x, y, attack, "l2", 0.05, 10.0)
+    torch.testing.assert_close(found, expected)
+    assert found.isfinite().all()

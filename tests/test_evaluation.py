@@ -1,0 +1,181 @@
+"""The robustness evaluation end to end: every attack, outputs, self-checks, mode=eval."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lipexp.attacks.threat import Norm
+from lipexp.evaluation.attacks import AutoAttack, CarliniWagner, DeepFool, PGDSearch, SquareGrid
+from lipexp.evaluation.evaluate import evaluate
+from lipexp.train import evaluate_checkpoint, run
+
+SIZES = {Norm.l2: [0.0, 0.1, 0.5], Norm.linf: [2 / 255, 8 / 255]}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def linear_problem(n=24, k=5, side=4, seed=0):
+    """A linear classifier on images in the interior of [0, 1] and its exact distances."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(side * side, k))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(k, side * side, generator=g))
+        model[1].bias.zero_()
+    x = 0.5 + 0.02 * torch.randn(n, 1, side, side, generator=g)
+    with torch.no_grad():
+        z = model(x)
+    y = z.argmax(1)
+    y[:3] = (y[:3] + 1) % k  # three images misclassified clean: distance 0
+    w = model[1].weight
+    diff = w[y][:, None, :] - w[None, :, :]  # (n, k, d): w_y - w_j
+    margin = z.gather(1, y[:, None]) - z  # (n, k): z_y - z_j
+    exact = {}
+    for norm, p in ((Norm.l2, 2), (Norm.linf, 1)):
+        d = margin / diff.norm(p=p, dim=2)
+        d[torch.arange(n), y] = torch.inf
+        d = d.min(1).values.clamp_min(0)  # misclassified clean: 0
+        exact[norm] = d.detach()
+    return model, x, y, exact
+
+
+def test_every_attack_respects_the_exact_minimum_on_a_linear_model():
+    """No attack can find an adversarial example closer than the exact minimum; the
+    minimal-norm ones (DeepFool) come within their overshoot of it."""
+    model, x, y, exact = linear_problem()
+    attacks = {
+        "l2_pgd": PGDSearch("l2"), "linf_pgd": PGDSearch("linf", eps_init=5e-4, eps_max=1.0),
+        "fgsm": PGDSearch("linf", steps=1, rel_step=1.0, targets=0, eps_init=5e-4, eps_max=1.0),
+        "gradient": PGDSearch("l2", steps=1, rel_step=1.0, targets=0),
+        "deepfool": DeepFool(), "cw": CarliniWagner(c=10.0, steps=200, lr=0.01),
+        "square": SquareGrid(sizes=(0.01, 0.02, 0.04, 0.08, 0.16, 0.32), n_queries=300),
+    }
+    ev = evaluate(model, x, y, attacks, error_at_sizes=SIZES, batch_size=10)
+    for name, attack in attacks.items():
+        d = torch.from_numpy(ev.distances[name]).double()
+        ref = exact[attack.norm].double()
+        assert (d >= ref * (1 - 1e-4) - 1e-6).all(), name
+        assert torch.isfinite(d).all(), name  # every image of this easy problem breaks
+    deepfool = torch.from_numpy(ev.distances["deepfool"]).double()
+    assert (deepfool <= exact[Norm.l2] * 1.03 + 1e-6).all()
+    for norm, name in ((Norm.l2, "l2_pgd"), (Norm.linf, "linf_pgd")):
+        d = torch.from_numpy(ev.distances[name]).double()
+        assert (d <= exact[norm] * 1.02 + 1e-6).all()
+    # The curve and the median follow from the distances.
+    l2 = ev.results["attacks"]["l2_pgd"]
+    assert l2["median"] == pytest.approx(np.sort(ev.distances["l2_pgd"])[(len(x) - 1) // 2])
+    assert l2["error_at"][next(iter(l2["error_at"]))] == pytest.approx(
+        (ev.distances["l2_pgd"] == 0).mean())
+    assert ev.results["checks"]["warnings"] == []
+
+
+def test_autoattack_error_matches_the_exact_distances():
+    model, x, y, exact = linear_problem(n=20)
+    eps = float(exact[Norm.linf].median())
+    ev = evaluate(model, x, y, {"aa": AutoAttack(eps=eps, version="standard")},
+                  error_at_sizes=SIZES)
+    (error,) = ev.results["attacks"]["aa"]["error_at"].values()
+    assert error == pytest.approx((exact[Norm.linf] <= eps).double().mean().item())
+    assert "median" not in ev.results["attacks"]["aa"]
+
+
+def test_model_is_left_as_found_and_channels_last_evaluates():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 16, 3))
+    x, y = torch.rand(12, 1, 4, 4), torch.randint(0, 3, (12,))
+    model.train()
+    model[1].eval()  # mixed modes must come back as they were
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    attacks = {"l2_pgd": PGDSearch("l2", steps=5), "deepfool": DeepFool(steps=10),
+               "cw": CarliniWagner(steps=10)}
+    ev = evaluate(model, x, y, attacks, error_at_sizes=SIZES)
+    assert [m.training for m in model] == [True, False, True, True, True]
+    assert all((p.grad == 0.5).all() and p.requires_grad for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+    cl = model.to(memory_format=torch.channels_last)
+    ev_cl = evaluate(cl, x.to(memory_format=torch.channels_last), y, attacks,
+                     error_at_sizes=SIZES)
+    np.testing.assert_allclose(ev_cl.distances["l2_pgd"], ev.distances["l2_pgd"], rtol=1e-4)
+
+
+class Quantized(nn.Module):
+    """A step-function input layer: its gradient is zero almost everywhere."""
+
+    def forward(self, x):
+        return torch.round(x * 4) / 4
+
+
+def test_vanishing_gradients_are_flagged():
+    model, x, y, _ = linear_problem()
+    masked = nn.Sequential(Quantized(), model)
+    ev = evaluate(masked, x, y, {"l2_pgd": PGDSearch("l2", steps=3, targets=0)},
+                  error_at_sizes=SIZES)
+    assert any("vanishes" in w for w in ev.results["checks"]["warnings"])
+
+
+def test_defended_model_is_more_robust_than_undefended(make_cfg, tmp_path):
+    """Same seed and budget on digits: J2-Lip2 & tanh has a larger median l2 distance."""
+    common = ["trainer.max_epochs=15", "scheduler.milestones=[10]", "logger=none",
+              "eval.n_images=120", "attacks=[l2_pgd]", "attacks.l2_pgd.targets=3"]
+    undefended = run(make_cfg("adv=none", "lip=none", "head=linear", *common,
+                              output_dir=tmp_path / "j0"))
+    defended = run(make_cfg("adv=l2", "lip=l2", "head=tanh", *common,
+                            output_dir=tmp_path / "j2"))
+    m0 = undefended["attacks"]["l2_pgd"]["median"]
+    m1 = defended["attacks"]["l2_pgd"]["median"]
+    assert 0 < m0 < m1
+    assert defended["clean"]["error"] <= 0.06
+
+
+def test_mode_eval_reproduces_the_end_of_training_evaluation(make_cfg, tmp_path):
+    overrides = ["trainer.max_epochs=2", "logger=none", "eval.n_images=40",
+                 "attacks=[l2_pgd,linf_pgd]"]
+    trained = run(make_cfg(*overrides, output_dir=tmp_path / "train"))
+    out = tmp_path / "train"
+    for name in ("error_curves.csv", "distances.npz", "error_curves.png", "results.json"):
+        assert (out / name).stat().st_size > 0
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["attacks"]) == {"l2_pgd", "linf_pgd"}
+    for key in ("median", "n_unbroken", "error_at", "curve", "settings", "norm"):
+        assert key in saved["attacks"]["l2_pgd"]
+    assert set(saved["stability"]) >= {"grad_loss_l2", "jac_2_inf", "grad_loss_l1", "jac_1_1"}
+
+    cfg = make_cfg("mode=eval", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
+                   "eval.n_images=40", "attacks=[l2_pgd,linf_pgd]", "logger=none",
+                   output_dir=tmp_path / "eval")
+    evaluated = evaluate_checkpoint(cfg)
+    assert evaluated["attacks"] == trained["attacks"]
+    assert evaluated["stability"] == trained["stability"]
+    a = np.load(out / "distances.npz")
+    b = np.load(tmp_path / "eval" / "distances.npz")
+    np.testing.assert_array_equal(a["l2_pgd"], b["l2_pgd"])
+    np.testing.assert_array_equal(a["indices"], np.arange(40))
+
+
+def test_first_order_distance_is_exact_for_the_nearest_logit_on_a_linear_model():
+    from lipexp.attacks.search import first_order_distance
+
+    model, x, y, exact = linear_problem()
+    with torch.no_grad():
+        z = model(x)
+    k = z.scatter(1, y[:, None], -torch.inf).argmax(1)
+    w = model[1].weight.detach()
+    margin = (z.gather(1, y[:, None])[:, 0] - z.gather(1, k[:, None])[:, 0]).clamp_min(0)
+    for norm, p in ((Norm.l2, 2), (Norm.linf, 1)):
+        expected = margin / (w[y] - w[k]).norm(p=p, dim=1)
+        d0 = first_order_distance(model, x, y, norm)
+        torch.testing.assert_close(d0, expected)
+        assert (d0 >= exact[norm] - 1e-6).all()  # the nearest logit is not always nearest
