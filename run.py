@@ -3,12 +3,19 @@
 Returns the clean test error (the metric a Hydra sweeper minimizes).
 """
 
+import json
+import os
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from lipexp.config import Mode, register
 
 register()
+if os.environ.get("LIPEXP_DDP_ARGV") and os.environ.get("LOCAL_RANK", "0") != "0":
+    # A DDP child started by Lightning: run the parent's job (see train.py), not its argv.
+    sys.argv = [sys.argv[0], *json.loads(os.environ["LIPEXP_DDP_ARGV"])]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

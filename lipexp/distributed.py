@@ -1,5 +1,7 @@
 """Data-parallel helpers: the penalty's max must span the WHOLE minibatch across ranks."""
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -7,6 +9,19 @@ from torch import Tensor
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def gather_objects(obj: object) -> list[object]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (pickled; for small results)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def gather_batch(t: Tensor) -> Tensor:
@@ -21,4 +36,8 @@ def gather_batch(t: Tensor) -> Tensor:
         return t
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(t), dim=0)  # (world * B, ...)
+    with warnings.catch_warnings():
+        # Deprecated in favour of torch.distributed._functional_collectives, a private
+        # module whose names still change between releases; this public one still works.
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(t), dim=0)  # (world * B, ...)

@@ -1,6 +1,8 @@
 """One run: build everything from the config, train, test, write results.json."""
 
+import json
 import logging
+import os
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -9,10 +11,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lipexp.config import validate
+from lipexp.defences.lipschitz import needs_double_backward
 from lipexp.evaluation.callback import RobustnessEvaluation
 from lipexp.module import RobustClassifier
 from lipexp.utils import write_json_atomic
@@ -58,11 +62,18 @@ def read_results(path: Path) -> dict[str, Any] | None:
 
 def build(cfg: DictConfig) -> tuple[RobustClassifier, pl.LightningDataModule, pl.Trainer]:
     """Instantiate module, data module and trainer; no data is read yet."""
+    objective = instantiate(cfg.lip)
+    if cfg.trainer.get("sync_batchnorm") and needs_double_backward(objective):
+        raise ValueError(
+            "trainer.sync_batchnorm=true cannot be combined with the exact Lipschitz penalty "
+            "(lip.method=exact): PyTorch has no double backward through SyncBatchNorm. Keep "
+            "batch normalization per rank (trainer.sync_batchnorm=false) or use lip=none."
+        )
     module = RobustClassifier(
         model=instantiate(cfg.model),
         head=instantiate(cfg.head),
         perturb=instantiate(cfg.adv),
-        objective=instantiate(cfg.lip),
+        objective=objective,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
@@ -98,6 +109,35 @@ def _check_run_folder(cfg: DictConfig, results_path: Path, last: Path) -> dict |
     return None
 
 
+DDP_ARGV = "LIPEXP_DDP_ARGV"  # read by run.py in DDP child processes
+
+
+def pin_ddp_children_to_this_job(out: Path) -> None:
+    """Lightning's DDP launcher starts ranks 1..N-1 by re-running ``sys.argv``, which under
+    ``-m`` would run the whole sweep again, in the wrong folders. Record this job's own
+    overrides and folder; run.py gives them to the children instead."""
+    if HydraConfig.initialized():
+        overrides = list(HydraConfig.get().overrides.task)
+        os.environ[DDP_ARGV] = json.dumps(
+            [*overrides, f'hydra.run.dir="{out}"', "hydra.output_subdir=null"])
+
+
+DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def end_process_group(env_before: dict[str, str]) -> None:
+    """Undo what Lightning's DDP launch leaves behind, so that the next job of a sweep (in
+    this process, with new ranks) starts its own: the process group, and the environment
+    variables that would make it believe its ranks were already launched."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key in DDP_ENV:
+        if key in env_before:
+            os.environ[key] = env_before[key]
+        else:
+            os.environ.pop(key, None)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one configuration in ``cfg.paths.output_dir``; return its results.
 
@@ -111,6 +151,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if previous is not None:
         return previous
 
+    pin_ddp_children_to_this_job(out)
+    env_before = dict(os.environ)
     pl.seed_everything(cfg.seed, workers=True)
     module, datamodule, trainer = build(cfg)
     results: dict[str, Any] = {
@@ -138,6 +180,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finally:
         if trainer.is_global_zero:
             write_json_atomic(results_path, results)
+        end_process_group(env_before)
     if trainer.is_global_zero:
         log.info("clean test error %.4f; run folder: %s", results["clean"]["error"], out)
         print(f"Run folder: {out.resolve()}")

@@ -105,6 +105,18 @@ def test_model_is_left_as_found_and_channels_last_evaluates():
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
 
+    model.train()  # all in train mode: the evaluation must still use (and keep) running stats
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ev = evaluate(model, x, y, {"l2_pgd": PGDSearch("l2", steps=5)}, error_at_sizes=SIZES)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    model.eval()
+    with torch.no_grad():
+        assert ev.results["clean_error"] == (model(x).argmax(1) != y).double().mean().item()
+    assert ev.results["attacks"]["l2_pgd"]["error_at"]["0"] == ev.results["clean_error"]
+    model.train()
+    model[1].eval()
+
     cl = model.to(memory_format=torch.channels_last)
     ev_cl = evaluate(cl, x.to(memory_format=torch.channels_last), y, attacks,
                      error_at_sizes=SIZES)

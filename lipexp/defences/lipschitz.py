@@ -88,3 +88,11 @@ def lipschitz_penalty(
         "acc": _accuracy(logits, y),
     }
     return loss, logs
+
+
+def needs_double_backward(objective: Callable) -> bool:
+    """Whether the objective (a partial of the functions above) backpropagates through a
+    gradient, which PyTorch's SyncBatchNorm does not support."""
+    keywords = getattr(objective, "keywords", {})
+    return (getattr(objective, "func", None) is lipschitz_penalty
+            and Method(keywords.get("method", Method.exact)) is Method.exact)

@@ -31,20 +31,26 @@ class RobustnessEvaluation(pl.Callback):
         self.error_at = {Norm.l2: list(error_at_l2), Norm.linf: list(error_at_linf)}
         self.results: dict[str, Any] | None = None
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_train_end, not on_fit_end: the model is still on its device and, under DDP,
+        # the process group is up (the strategy's teardown comes before on_fit_end).
         if trainer.fast_dev_run:
             log.info("fast_dev_run: robustness evaluation skipped")
             return
         self.run(pl_module, trainer.datamodule, trainer.logger)
 
-    def run(self, pl_module: pl.LightningModule, datamodule: Any, logger: Any = None) -> dict:
-        """Evaluate ``pl_module.net`` on ``datamodule``'s test split; returns the results."""
+    def run(self, pl_module: pl.LightningModule, datamodule: Any, logger: Any = None
+            ) -> dict | None:
+        """Evaluate ``pl_module.net`` on ``datamodule``'s test split; returns the results
+        (on rank 0; other data-parallel ranks attack their share and return None)."""
         x, y = datamodule.test_set()
         n = len(x) if self.n_images is None else min(self.n_images, len(x))
         log.info("robustness evaluation: %d images, attacks %s", n, list(self.attacks))
         evaluation = evaluate(pl_module.net, x[:n], y[:n], self.attacks,
                               error_at_sizes=self.error_at, batch_size=self.batch_size,
                               grid_points=self.grid_points, bf16=self.bf16)
+        if evaluation is None:  # not rank 0
+            return None
         evaluation.results["files"] = write_outputs(evaluation, self.output_dir)
         if logger:
             log_evaluation(logger, evaluation)

@@ -20,10 +20,12 @@ from torch import Tensor, nn
 
 from lipexp.attacks.threat import Norm
 from lipexp.data.datamodule import to_unit
+from lipexp.distributed import gather_objects, rank, world_size
 from lipexp.evaluation.attacks import PGDSearch, SquareGrid, settings
 from lipexp.evaluation.curves import error_at, summarize
 from lipexp.evaluation.plots import plot_error_curves, write_curves_csv
 from lipexp.evaluation.stability import reduce_statistics, stability_statistics
+from lipexp.utils import eval_mode
 
 log = logging.getLogger(__name__)
 VANISHING = 1e-12  # an input gradient below this l2 norm counts as vanished
@@ -47,30 +49,28 @@ def evaluate(
     batch_size: int = 500,
     grid_points: int = 100,
     bf16: bool = False,
-) -> Evaluation:
+) -> Evaluation | None:
     """Evaluate ``model`` on images ``x`` (N, C, H, W; uint8 or float in [0, 1]), labels ``y``.
 
     Images are attacked ``batch_size`` at a time on the model's device; ``bf16`` runs the
     attacks under bfloat16 autocast (clean error and stability statistics stay fp32).
+    Under data parallelism every rank passes the same images and attacks the batches
+    ``b`` with ``b % world == rank``: the batches are those of a single process, so the
+    per-image numbers are the same; rank 0 gets the Evaluation, the other ranks None.
     """
     device = next(model.parameters()).device
     indices = torch.arange(len(x)) if indices is None else indices
-    distances: dict[str, list[Tensor]] = {name: [] for name in attacks}
-    stats: list[dict[str, Tensor]] = []
-    wrong: list[Tensor] = []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    for start in range(0, len(x), batch_size):
-        xb = to_unit(x[start:start + batch_size].to(device))
-        yb = y[start:start + batch_size].to(device)
-        with torch.no_grad():
-            wrong.append((model(xb).argmax(1) != yb).cpu())
-        stats.append({k: v.cpu() for k, v in stability_statistics(model, xb, yb).items()})
-        with autocast:
-            for name, attack in attacks.items():
-                distances[name].append(attack.distances(model, xb, yb).detach().float().cpu())
-    d = {name: torch.cat(parts).numpy() for name, parts in distances.items()}
-    per_example = {k: torch.cat([s[k] for s in stats]) for k in stats[0]}
-    clean_wrong = torch.cat(wrong)
+    starts = list(range(0, len(x), batch_size))[rank()::world_size()]
+    mine = {start: _attack_batch(model, to_unit(x[start:start + batch_size].to(device)),
+                                 y[start:start + batch_size].to(device), attacks, bf16)
+            for start in starts}
+    batches = {k: v for part in gather_objects(mine) for k, v in part.items()}
+    if rank() != 0:
+        return None
+    ordered = [batches[start] for start in sorted(batches)]  # the test set's order
+    d = {name: torch.cat([b["distances"][name] for b in ordered]).numpy() for name in attacks}
+    per_example = {k: torch.cat([b["stats"][k] for b in ordered]) for k in ordered[0]["stats"]}
+    clean_wrong = torch.cat([b["wrong"] for b in ordered])
 
     results: dict[str, Any] = {
         "evaluation": {"n_images": len(x), "batch_size": batch_size, "bf16": bf16},
@@ -92,6 +92,19 @@ def evaluate(
     for warning in results["checks"]["warnings"]:
         log.warning("gradient masking check: %s", warning)
     return Evaluation(results, d, indices.cpu().numpy())
+
+
+def _attack_batch(model: nn.Module, x: Tensor, y: Tensor, attacks: dict[str, Any],
+                  bf16: bool) -> dict[str, Any]:
+    """Clean mistakes, stability statistics and every attack's distances of one batch (CPU)."""
+    with torch.no_grad(), eval_mode(model):  # eval mode: BN running statistics, left as they are
+        wrong = (model(x).argmax(1) != y).cpu()
+    stats = {k: v.cpu() for k, v in stability_statistics(model, x, y).items()}
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    with autocast:
+        distances = {name: attack.distances(model, x, y).detach().float().cpu()
+                     for name, attack in attacks.items()}
+    return {"wrong": wrong, "stats": stats, "distances": distances}
 
 
 def gradient_masking_checks(attacks: dict[str, Any], distances: dict[str, np.ndarray],

@@ -1,0 +1,96 @@
+"""Worker processes for the data-parallel tests (torch.multiprocessing.spawn, gloo, CPU)."""
+
+import os
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import lipexp.defences.lipschitz as lipschitz
+from lipexp.defences.adversarial import fgsm, l2_step, no_perturbation
+
+B, N_IN, K = 8, 12, 4  # global batch, input dimension, classes
+
+CASES = {  # name -> (perturbation, objective settings)
+    "J0-Lip2": (no_perturbation, {"norm": 2}),
+    "J2-Lip2": (partial(l2_step, eps=0.3, clip=False), {"norm": 2}),
+    "J1-Lip1": (partial(fgsm, eps=0.3, clip=False), {"norm": 1, "lam_over_sqrt_n": True}),
+}
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)  # the same weights on every rank and in the reference
+    return nn.Sequential(nn.Flatten(), nn.Linear(N_IN, 16), nn.Tanh(), nn.Linear(16, K)).double()
+
+
+def make_batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(B, 1, 3, 4, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, K, (B,), generator=g)
+
+
+class Step(nn.Module):
+    """What the LightningModule's training step computes, behind DDP's forward as Lightning
+    calls it: the objective at the perturbed batch."""
+
+    def __init__(self, net, perturb, objective):
+        super().__init__()
+        self.net, self.perturb, self.objective = net, perturb, objective
+
+    def forward(self, x, y):
+        return self.objective(self.net, self.perturb(self.net, x, y), y)
+
+
+def step_gradients(case: str, scaling: str, x, y, distributed: bool):
+    perturb, kwargs = CASES[case]
+    objective = partial(lipschitz.lipschitz_penalty, lam=0.7, scaling=scaling, **kwargs)
+    step = Step(make_model(), perturb, objective)
+    module = DistributedDataParallel(step) if distributed else step
+    loss, logs = module(x, y)
+    loss.backward()
+    return [p.grad.clone() for p in step.parameters()], logs["grad_norm_max"].item()
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+
+def gradients_worker(rank: int, world: int, port: int, out: str, local_max: bool) -> None:
+    """Each rank takes its contiguous share of the batch; saves its gradients and logs."""
+    _init(rank, world, port)
+    if local_max:  # the wrong implementation the test must catch: max over the rank only
+        lipschitz.gather_batch = lambda t: t
+    x, y = make_batch()
+    share = slice(rank * B // world, (rank + 1) * B // world)
+    results = {(case, scaling): step_gradients(case, scaling, x[share], y[share], True)
+               for case in CASES for scaling in ("per_example", "batch_mean")}
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def evaluation_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Every rank calls evaluate() on the same images; rank 0 saves the distances."""
+    from lipexp.attacks.threat import Norm
+    from lipexp.evaluation.attacks import PGDSearch
+    from lipexp.evaluation.evaluate import evaluate
+
+    _init(rank, world, port)
+    model, x, y = evaluation_problem()
+    ev = evaluate(model, x, y, {"l2_pgd": PGDSearch("l2", steps=5, targets=2)},
+                  error_at_sizes={Norm.l2: [0.1], Norm.linf: []}, batch_size=5)
+    assert (ev is None) == (rank != 0)
+    if rank == 0:
+        torch.save({"distances": ev.distances, "results": ev.results}, f"{out}/eval.pt")
+    dist.destroy_process_group()
+
+
+def evaluation_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 12, K)).eval()
+    g = torch.Generator().manual_seed(2)
+    return model, torch.rand(22, 1, 3, 4, generator=g), torch.randint(0, K, (22,), generator=g)

@@ -1,0 +1,110 @@
+"""Data parallelism on CPU (gloo, 2 processes): the penalty's max spans the global batch and
+the gradients equal those of one process on the concatenated batch."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lipexp.evaluation.evaluate import evaluate
+
+from . import ddp_worker as w
+from .conftest import REPO
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, *args):
+    mp.spawn(fn, args=(WORLD, free_port(), *args), nprocs=WORLD, join=True)
+
+
+def reference():
+    x, y = w.make_batch()
+    return {(case, scaling): w.step_gradients(case, scaling, x, y, distributed=False)
+            for case in w.CASES for scaling in ("per_example", "batch_mean")}
+
+
+def max_relative_error(a, b) -> float:
+    return max(((p - q).norm() / q.norm()).item() for p, q in zip(a, b))
+
+
+def test_penalty_gradients_equal_single_process(tmp_path):
+    spawn(w.gradients_worker, str(tmp_path), False)
+    expected = reference()
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for key, (grads, logged_max) in got.items():
+            ref_grads, ref_max = expected[key]
+            assert max_relative_error(grads, ref_grads) < 1e-5, (rank, key)
+            assert logged_max == pytest.approx(ref_max, rel=1e-12), (rank, key)
+
+
+def test_a_rank_local_max_is_caught(tmp_path):
+    """The same comparison fails for a penalty that takes the max within each rank."""
+    spawn(w.gradients_worker, str(tmp_path), True)
+    expected = reference()
+    got = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    errors = [max_relative_error(got[k][0], expected[k][0]) for k in expected]
+    assert max(errors) > 1e-3
+
+
+def test_two_process_evaluation_equals_one_process(tmp_path):
+    spawn(w.evaluation_worker, str(tmp_path))
+    model, x, y = w.evaluation_problem()
+    from lipexp.attacks.threat import Norm
+    from lipexp.evaluation.attacks import PGDSearch
+
+    single = evaluate(model, x, y, {"l2_pgd": PGDSearch("l2", steps=5, targets=2)},
+                      error_at_sizes={Norm.l2: [0.1], Norm.linf: []}, batch_size=5)
+    got = torch.load(tmp_path / "eval.pt", weights_only=False)
+    assert (got["distances"]["l2_pgd"] == single.distances["l2_pgd"]).all()
+    assert got["results"]["attacks"] == single.results["attacks"]
+    assert got["results"]["stability"] == single.results["stability"]
+
+
+def test_ddp_run_on_digits_writes_results_once(tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "run.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+         "trainer.max_epochs=2", "eval.n_images=20", "trainer.enable_progress_bar=false",
+         f"hydra.run.dir={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Run folder:") == 1
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert results["config"]["trainer"]["devices"] == 2
+    assert results["attacks"]["l2_pgd"]["n_images"] == 20
+    assert sorted(p.name for p in out.rglob("results.json")) == ["results.json"]
+
+
+def test_sync_batchnorm_with_the_exact_penalty_is_refused(make_cfg):
+    from lipexp.train import build
+
+    with pytest.raises(ValueError, match="SyncBatchNorm"):
+        build(make_cfg("trainer.sync_batchnorm=true"))
+    build(make_cfg("trainer.sync_batchnorm=true", "lip=none"))  # no double backward: fine
+
+
+def test_ddp_multirun_runs_each_job_once_in_its_own_folder(tmp_path):
+    """Lightning re-launches ranks with sys.argv; under -m that must not rerun the sweep."""
+    proc = subprocess.run(
+        [sys.executable, "run.py", "-m", "adv=none,l2", "trainer=ddp", "trainer.accelerator=cpu",
+         "trainer.devices=2", "trainer.max_epochs=1", "eval.n_images=10",
+         "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = {json.loads(p.read_text())["config"]["adv"]["_target_"].rsplit(".", 1)[1]:
+             json.loads(p.read_text())["status"] for p in tmp_path.rglob("results.json")}
+    assert found == {"no_perturbation": "completed", "l2_step": "completed"}
+    assert proc.stdout.count("Run folder:") == 2
