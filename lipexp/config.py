@@ -9,6 +9,7 @@ constructors, which ``train`` calls before touching the data.
 """
 
 import dataclasses
+import hashlib
 import inspect
 from dataclasses import dataclass, field
 from enum import Enum
@@ -164,15 +165,44 @@ class Config:
     name: str = "lipexp"  # run and sweep name (W&B group, folder names)
 
 
-def run_dirname(override_dirname: str) -> str:
-    """Folder name of a run: its command-line overrides, or ``default`` when there are none."""
-    return override_dirname.replace("/", "_") or "default"
+def run_dirname(override_dirname: str, max_len: int = 120) -> str:
+    """Folder name of a run: its command-line overrides (``default`` when there are none).
+
+    Names longer than ``max_len`` (file systems stop at 255 bytes) keep their start and end
+    a hash of the whole, so the same command still finds the same folder; the full list
+    is in the run's .hydra/overrides.yaml.
+    """
+    name = override_dirname.replace("/", "_") or "default"
+    if len(name) <= max_len:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    return f"{name[:max_len - 13]}~{digest}"
+
+
+def run_label(adv: Any, lip: Any, head: Any, model: Any, seed: int) -> str:
+    """Readable run name, ``J2-Lip2 & tanh / resnext34 / seed 0`` (W&B run names)."""
+    from lipexp.naming import run_label as label
+
+    parts = {"adv": adv, "lip": lip, "head": head, "model": model}
+    return label({k: OmegaConf.to_container(v, resolve=True) for k, v in parts.items()}
+                 | {"seed": seed})
+
+
+def defence_tags(adv: Any, lip: Any, head: Any) -> list[str]:
+    """The defence's terms as tags: ``["J2", "Lip2", "tanh"]``."""
+    from lipexp.naming import defence_name
+
+    parts = {"adv": adv, "lip": lip, "head": head}
+    name = defence_name({k: OmegaConf.to_container(v, resolve=True) for k, v in parts.items()})
+    return name.replace(" & ", "-").split("-")
 
 
 def register() -> None:
     """Put the schemas into Hydra's ConfigStore and the resolvers into OmegaConf (idempotent)."""
-    if not OmegaConf.has_resolver("run_dirname"):
-        OmegaConf.register_new_resolver("run_dirname", run_dirname)
+    for name, resolver in [("run_dirname", run_dirname), ("run_label", run_label),
+                           ("defence_tags", defence_tags)]:
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     cs.store(group="schema/adv", name="none", node=NoAdvConfig)

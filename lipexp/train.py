@@ -14,6 +14,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from lipexp.config import validate
 from lipexp.defences.lipschitz import needs_double_backward
@@ -138,35 +140,44 @@ def end_process_group(env_before: dict[str, str]) -> None:
             os.environ.pop(key, None)
 
 
+def _container(cfg: DictConfig) -> dict:
+    """The resolved config as plain data (unresolved where it cannot be resolved)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    except Exception:  # a bad value: keep what the user wrote, for the failure record
+        return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test one configuration in ``cfg.paths.output_dir``; return its results.
+    """Train, test and evaluate one configuration in ``cfg.paths.output_dir``.
 
     The folder belongs to the command: a completed run is not trained again, an unfinished
     one continues only with ``resume=true``, and nothing in it is overwritten otherwise.
+    Any failure after that check (a bad value included) is recorded in results.json with
+    ``status: failed`` and re-raised, so a sweep's folder says why each job stopped.
     """
-    validate(cfg)  # range checks of the typed schemas, before any work
     out = Path(cfg.paths.output_dir)
     results_path, last = out / "results.json", out / "checkpoints" / "last.ckpt"
     previous = _check_run_folder(cfg, results_path, last)
     if previous is not None:
         return previous
 
-    pin_ddp_children_to_this_job(out)
+    is_zero = rank_zero_only.rank == 0  # DDP children of this job are ranks >= 1
+    results: dict[str, Any] = {"status": "running", "config": _container(cfg),
+                               "output_dir": str(out.resolve()), "started": _now(),
+                               "provenance": provenance()}
     env_before = dict(os.environ)
-    pl.seed_everything(cfg.seed, workers=True)
-    module, datamodule, trainer = build(cfg)
-    results: dict[str, Any] = {
-        "status": "running",
-        "config": module.config,
-        "output_dir": str(out.resolve()),
-        "started": _now(),
-        "provenance": provenance(),
-    }
-    if trainer.is_global_zero:
-        write_json_atomic(results_path, results)
-    if trainer.logger is not None:
-        trainer.logger.log_hyperparams(module.config)
+    logger = None
     try:
+        validate(cfg)  # range checks of the typed schemas, before any work
+        pin_ddp_children_to_this_job(out)
+        pl.seed_everything(cfg.seed, workers=True)
+        module, datamodule, trainer = build(cfg)
+        logger = trainer.logger
+        if is_zero:
+            write_json_atomic(results_path, results)
+        if logger is not None:
+            logger.log_hyperparams(module.config)
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if cfg.resume else None)
         (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
         results["clean"] = {"error": 1.0 - test["test/acc"], "loss": test["test/loss"]}
@@ -178,10 +189,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results.update(status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
         raise
     finally:
-        if trainer.is_global_zero:
+        if is_zero:
             write_json_atomic(results_path, results)
+        if isinstance(logger, WandbLogger):  # always close the W&B run: the next job opens its own
+            import wandb
+
+            wandb.finish(exit_code=0 if results["status"] == "completed" else 1)
         end_process_group(env_before)
-    if trainer.is_global_zero:
+    if is_zero:
         log.info("clean test error %.4f; run folder: %s", results["clean"]["error"], out)
         print(f"Run folder: {out.resolve()}")
     return results

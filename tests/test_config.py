@@ -114,3 +114,14 @@ def test_none_options_take_no_size(make_cfg):
         make_cfg("adv=none", "adv.eps=0.1")
     with pytest.raises(ConfigCompositionException):
         make_cfg("lip=none", "lip.lam=0.1")
+
+
+def test_run_folder_names_are_deterministic_and_bounded():
+    from lipexp.config import run_dirname
+
+    assert run_dirname("") == "default"
+    assert run_dirname("adv=fgsm,data.data_dir=/a/b") == "adv=fgsm,data.data_dir=_a_b"
+    long = ",".join(f"key{i}=value{i}" for i in range(40))
+    other = long.replace("value39", "value38")
+    assert run_dirname(long) == run_dirname(long) and len(run_dirname(long)) <= 120
+    assert run_dirname(long) != run_dirname(other)  # same start, different runs

@@ -50,7 +50,10 @@ def test_run_py_refuses_bad_overrides(tmp_path, override, message):
     proc = run_py(override, f"hydra.run.dir={tmp_path / 'bad'}")
     assert proc.returncode != 0
     assert message in proc.stderr
-    assert not (tmp_path / "bad" / "results.json").exists()  # stopped before any work
+    assert not (tmp_path / "bad" / "checkpoints").exists()  # stopped before any work
+    if (tmp_path / "bad" / "results.json").exists():  # the job started: failure recorded
+        failed = json.loads((tmp_path / "bad" / "results.json").read_text())
+        assert failed["status"] == "failed" and message in failed["error"]
 
 
 def test_default_run_reaches_five_percent_error(make_cfg):
