@@ -97,3 +97,27 @@ def test_wandb_offline_run_holds_the_evaluation(tmp_path):
     run = run_record(tmp_path)
     assert run.display_name == "J2-Lip2 & tanh / small_cnn / seed 0"
     assert run.run_group == "test_sweep" and list(run.tags) == ["J2", "Lip2", "tanh"]
+
+
+SWEEPS = sorted(p.stem for p in (REPO / "conf" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_sweep_configs_compose_and_match_their_wandb_twins(make_cfg, sweep):
+    import yaml
+
+    from lipexp.config import validate
+
+    for defence in ("j0", "j1_lip1", "j2_lip2"):
+        cfg = make_cfg(f"+sweeps={sweep}", f"+defence={defence}", "head=tanh")
+        validate(cfg)
+        assert cfg.name == sweep
+    wandb_sweep = yaml.safe_load((REPO / "sweeps" / "wandb" / f"{sweep}.yaml").read_text())
+    hydra_sweep = yaml.safe_load((REPO / "conf" / "sweeps" / f"{sweep}.yaml").read_text())
+    grid = hydra_sweep["hydra"]["sweeper"]["params"]
+    params = wandb_sweep["parameters"]
+    assert params["+defence"]["values"] == grid["+defence"].split(",")
+    assert params["head"]["values"] == grid["head"].split(",")
+    assert params["name"]["value"] == sweep
+    if sweep.startswith("paper_"):
+        assert params["experiment"]["value"] == sweep.removeprefix("paper_")
