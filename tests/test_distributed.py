@@ -108,3 +108,16 @@ def test_ddp_multirun_runs_each_job_once_in_its_own_folder(tmp_path):
              json.loads(p.read_text())["status"] for p in tmp_path.rglob("results.json")}
     assert found == {"no_perturbation": "completed", "l2_step": "completed"}
     assert proc.stdout.count("Run folder:") == 2
+
+
+def test_slurm_launcher_config_composes(make_cfg):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "trainer=ddp",
+                                           "trainer.num_nodes=2",
+                                           "hydra.launcher.gpus_per_node=4",
+                                           "paths.output_dir=/tmp/x"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.nodes == 2 and launcher.tasks_per_node == 4  # one task per GPU

@@ -191,3 +191,12 @@ def test_first_order_distance_is_exact_for_the_nearest_logit_on_a_linear_model()
         d0 = first_order_distance(model, x, y, norm)
         torch.testing.assert_close(d0, expected)
         assert (d0 >= exact[norm] - 1e-6).all()  # the nearest logit is not always nearest
+
+
+def test_bf16_autocast_evaluates_close_to_fp32():
+    model, x, y, exact = linear_problem()
+    attacks = {"l2_pgd": PGDSearch("l2")}
+    fp32 = evaluate(model, x, y, attacks, error_at_sizes=SIZES)
+    bf16 = evaluate(model, x, y, attacks, error_at_sizes=SIZES, bf16=True)
+    assert bf16.results["evaluation"]["bf16"] is True
+    np.testing.assert_allclose(bf16.distances["l2_pgd"], fp32.distances["l2_pgd"], rtol=0.1)

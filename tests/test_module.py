@@ -62,3 +62,21 @@ def test_checkpoint_carries_the_config(make_cfg, tmp_path):
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["lipexp_config"]["lip"]["lam"] == cfg.lip.lam
     assert ckpt["lipexp_config"]["paths"]["output_dir"] == str(tmp_path / "run")
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb"])
+def test_every_logger_records_a_run(make_cfg, logger, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = make_cfg(f"logger={logger}", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+                   "trainer.log_every_n_steps=1", "model.width=8", "eval.n_images=4",
+                   "attacks=[l2_pgd]", "attacks.l2_pgd.steps=2", "attacks.l2_pgd.targets=0")
+    module, datamodule, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    trainer.logger.finalize("success")
+    if logger == "wandb":
+        import wandb
+
+        wandb.finish()
+    written = [p for p in (tmp_path / "run").rglob("*") if p.is_file() and (
+        "metrics.csv" in p.name or "tfevents" in p.name or p.suffix == ".wandb")]
+    assert written and all(p.stat().st_size > 0 for p in written)

@@ -10,6 +10,10 @@ size ``eps_i``. One-step attacks are configs of the same loop (no random start, 
 with ``g = grad_x CE(f(x), y)`` and ``clip`` the clamp to [0, 1] (for an image that is
 misclassified clean the attack returns ``x`` itself, its smallest adversarial example).
 
+Written here rather than taken from torchattacks' PGD / PGDL2: those take one size for the
+whole batch (the distance search needs one per image), stop at the last iterate (this loop
+keeps each image's smallest successful one) and have no targeted margin runs.
+
 Cost per image that stays unbroken, default settings (20 steps, 9 targets): 1 + 10 * 21 + 1
 = 212 forward and 10 * 20 = 200 backward passes (w.r.t. the input only); an image that breaks
 in the untargeted run costs 1 + 21 + 1 forward and 20 backward passes.
