@@ -18,8 +18,8 @@ class RobustClassifier(pl.LightningModule):
 
     ``perturb`` is the adversarial training step (J0/J1/J2) and ``objective`` the loss with
     its optional Lipschitz penalty (see ``lipexp.defences``); the module only composes them.
-    ``config`` (the resolved run config) is stored in every checkpoint, so a checkpoint
-    alone says how it was made.
+    ``config`` (the resolved run config) and ``provenance`` (versions, lipexp commit) are
+    stored in every checkpoint, so a checkpoint alone says how it was made.
     """
 
     def __init__(
@@ -31,12 +31,13 @@ class RobustClassifier(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         config: dict | None = None,
+        provenance: dict | None = None,
     ) -> None:
         super().__init__()
         self.net = nn.Sequential(model, head)
         self.perturb, self.objective = perturb, objective
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
-        self.config = config
+        self.config, self.provenance = config, provenance
         # Clean loss and accuracy of the val/test splits, accumulated exactly (float64, summed
         # over the whole split and over ranks) rather than averaged per batch in float32.
         self.eval_metrics = nn.ModuleDict(
@@ -81,3 +82,4 @@ class RobustClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lipexp_config"] = self.config
+        checkpoint["lipexp_provenance"] = self.provenance  # the code that trained it

@@ -156,11 +156,12 @@ def _seed_key(run: Run) -> tuple:
 
 
 def group_runs(runs: list[Run]) -> dict[tuple[str, str], dict[str, list[Run]]]:
-    """Completed runs as {(data, model): {defence: [runs by seed]}}, grids sorted by name,
-    defences in the study's order."""
+    """Completed training runs as {(data, model): {defence: [runs by seed]}}, grids sorted
+    by name, defences in the study's order. ``mode=eval`` re-evaluations of a checkpoint
+    are left out: they are not further seeds."""
     grids: dict[tuple[str, str], dict[str, list[Run]]] = {}
     for run in runs:
-        if run.status == "completed":
+        if run.status == "completed" and run.results.get("mode") != "eval":
             grid = (data_name(run.config), model_name(run.config))
             grids.setdefault(grid, {}).setdefault(defence_name(run.config), []).append(run)
     return {grid: {name: sorted(defences[name], key=_seed_key)

@@ -47,7 +47,7 @@ def provenance() -> dict[str, Any]:
     return {
         "lipexp_commit": commit,
         "python": sys.version.split()[0],
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a str subclass that weights_only loading refuses
         "pytorch_lightning": pl.__version__,
         "command": sys.argv,
     }
@@ -77,8 +77,10 @@ def build(cfg: DictConfig) -> tuple[RobustClassifier, pl.LightningDataModule, pl
         perturb=instantiate(cfg.adv),
         objective=objective,
         optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        # scheduler=none: no _target_ (a recipe may still have set milestones there)
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler.get("_target_") else None,
         config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        provenance=provenance(),
     )
     datamodule = instantiate(cfg.data)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [evaluation_callback(cfg)]
@@ -179,10 +181,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if logger is not None:
             logger.log_hyperparams(module.config)
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if cfg.resume else None)
+        evaluation = next(c for c in trainer.callbacks if isinstance(c, RobustnessEvaluation))
+        if not evaluation.done and not trainer.fast_dev_run:
+            # Resuming a run whose training had finished: Lightning skips the fit loop and
+            # its on_train_end, so evaluate here (after fit, the module is on the CPU).
+            module.to(trainer.strategy.root_device)
+            evaluation.run(module, datamodule, trainer.logger)
+        results["trained"] = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
         (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
         results["clean"] = {"error": 1.0 - test["test/acc"], "loss": test["test/loss"]}
         results["data"] = {"n_train": datamodule.num_train, "n_test": datamodule.num_test}
-        evaluation = next(c for c in trainer.callbacks if isinstance(c, RobustnessEvaluation))
         results |= evaluation.results or {}
         results.update(status="completed", finished=_now())
     except BaseException as e:  # recorded, then re-raised: the folder says why it stopped
@@ -217,6 +225,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = OmegaConf.create(checkpoint["lipexp_config"])
     run_cfg.eval, run_cfg.attacks = cfg.eval, cfg.attacks
     run_cfg.paths.output_dir = str(out)
+    if not Path(run_cfg.data.data_dir).exists():  # trained elsewhere: this command's folder
+        run_cfg.data.data_dir = cfg.data.data_dir
     pl.seed_everything(run_cfg.seed, workers=True)
     module = RobustClassifier(
         model=instantiate(run_cfg.model), head=instantiate(run_cfg.head),
@@ -232,6 +242,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step"),
         "config": OmegaConf.to_container(run_cfg, resolve=True, enum_to_str=True),
         "output_dir": str(out.resolve()), "started": _now(), "provenance": provenance(),
+        "training_provenance": checkpoint.get("lipexp_provenance"),
     }
     write_json_atomic(results_path, results)
     try:

@@ -80,3 +80,18 @@ def test_every_logger_records_a_run(make_cfg, logger, tmp_path, monkeypatch):
     written = [p for p in (tmp_path / "run").rglob("*") if p.is_file() and (
         "metrics.csv" in p.name or "tfevents" in p.name or p.suffix == ".wandb")]
     assert written and all(p.stat().st_size > 0 for p in written)
+
+
+def test_constant_learning_rate(make_cfg):
+    cfg = make_cfg("scheduler=none", "trainer.fast_dev_run=true", "logger=none", "model.width=8")
+    module, datamodule, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    assert not trainer.lr_scheduler_configs
+
+
+@pytest.mark.parametrize("override", ["attacks.l2_pgd.steps=0", "attacks.linf_pgd.targets=-1",
+                                      "attacks=[autoattack]"])
+def test_bad_attack_settings_fail_before_training(make_cfg, override):
+    extra = ["attacks.autoattack.version=standart"] if "autoattack" in override else []
+    with pytest.raises(Exception, match="steps|targets|version"):
+        build(make_cfg(override, *extra))

@@ -132,8 +132,10 @@ class PGD:
                 x_out[idx[hit]] = x_best[hit]
                 best[idx[hit]] = norm[hit]
 
-            with torch.no_grad():
-                success = model(x_out).argmax(1) != y  # the returned points, checked afresh
+            # The returned points, checked afresh, in full precision even under a caller's
+            # bf16 autocast: a success must not be an artefact of rounding.
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                success = model(x_out).argmax(1) != y
             return x_out, success
 
     def _run(

@@ -56,8 +56,8 @@ def adversarial_distances(
         raise ValueError("need eps_init > 0, eps_max > 0, rtol > 0 and max_iter >= 1")
     threat = THREATS[to_norm(norm)]
     x = x.detach()
-    with torch.no_grad(), eval_mode(model):
-        wrong = model(x).argmax(1) != y  # (B,)
+    with torch.no_grad(), eval_mode(model), torch.autocast(x.device.type, enabled=False):
+        wrong = model(x).argmax(1) != y  # (B,), in full precision even under bf16 autocast
     eps_max_t = torch.tensor(eps_max, dtype=x.dtype, device=x.device)
     lo = torch.zeros(len(x), dtype=x.dtype, device=x.device)
     hi = torch.where(wrong, 0.0, torch.inf).to(lo)  # norm of the smallest example found

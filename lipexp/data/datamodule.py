@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, TensorDataset
 
 from lipexp.data.augment import augment
@@ -137,10 +138,21 @@ class ImageDataModule(pl.LightningDataModule):
         return self._loader(self._train, self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._test, self.eval_batch_size, train=False)
+        return self._eval_loader()
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._test, self.eval_batch_size, train=False)
+        return self._eval_loader()
+
+    def _eval_loader(self) -> DataLoader:
+        """The test split. Under DDP each image goes to exactly one rank: Lightning's default
+        DistributedSampler would pad the split with repeated images and bias the error."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world == 1:
+            return self._loader(self._test, self.eval_batch_size, train=False)
+        sampler = UnrepeatedDistributedSampler(self._test, num_replicas=world,
+                                               rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(self._test, batch_size=self.eval_batch_size, sampler=sampler,
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Convert x to float32 in [0, 1] on the device; augment during training only."""

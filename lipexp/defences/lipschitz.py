@@ -60,10 +60,11 @@ def lipschitz_penalty(
     """``J = mean_i l(x_i) + w * h(L)``, the study's worst-case (WCAT) penalty.
 
     - ``l(x) = CE(f(x), y)``; ``L = max_i ||grad_x l(x_i)||_norm`` over the WHOLE batch,
-      across all data-parallel ranks; divided by the global batch size B when
-      ``scaling=batch_mean`` (the gradient of the batch-mean loss, as the authors' code).
-    - ``w = lam``, or ``lam / sqrt(n)`` with ``lam_over_sqrt_n`` (Lip1; n = C*H*W).
+      across all data-parallel ranks (per-example units, as logged in ``grad_norm_max``).
     - ``h(L) = L``; with a ``target`` L0 the hinge ``max(0, L - L0)``; squared if ``squared``.
+    - ``w = lam``, or ``lam / sqrt(n)`` with ``lam_over_sqrt_n`` (Lip1; n = C*H*W); divided by
+      the global batch size B when ``scaling=batch_mean`` (as the authors' code, whose
+      penalty is the gradient of the batch-MEAN loss: ``h(L) / B`` for the plain max).
 
     Logs the raw per-example norms (``grad_norm_max``/``grad_norm_mean``, unscaled, global).
     """
@@ -72,10 +73,10 @@ def lipschitz_penalty(
     losses = F.cross_entropy(logits, y, reduction="none")  # (B,)
     norms = gather_batch(GRAD_NORMS[Method(method)](losses, x, norm))  # (B_global,)
     largest = norms.max()
-    if Scaling(scaling) is Scaling.batch_mean:
-        largest = largest / norms.numel()
     excess = largest if target is None else (largest - target).clamp_min(0.0)
     weight = lam / math.sqrt(x[0].numel()) if lam_over_sqrt_n else lam
+    if Scaling(scaling) is Scaling.batch_mean:
+        weight = weight / norms.numel()
     penalty = weight * (excess.square() if squared else excess)
     ce = losses.mean()
     loss = ce + penalty

@@ -22,6 +22,12 @@ from lipexp.attacks.threat import THREATS, Norm
 from lipexp.utils import eval_mode
 
 TORCHATTACKS_NORM = {Norm.l2: "L2", Norm.linf: "Linf"}
+AUTOATTACK_VERSIONS = ("standard", "plus", "rand")  # torchattacks.AutoAttack's
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 @contextmanager
@@ -42,8 +48,13 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.grad = grad
 
 
+def _full_precision(x: Tensor):
+    """Success checks in full precision, also under the evaluation's bf16 autocast."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def _clean_wrong(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    with torch.no_grad():
+    with torch.no_grad(), _full_precision(x):
         return model(x).argmax(1) != y
 
 
@@ -51,7 +62,7 @@ def _minimal_norm_distances(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tenso
                             norm: Norm) -> Tensor:
     """``||x_adv - x||`` where ``x_adv`` is misclassified, +inf where not, 0 if wrong clean."""
     x_adv = x_adv.detach()
-    with torch.no_grad():
+    with torch.no_grad(), _full_precision(x):
         broken = model(x_adv).argmax(1) != y
     d = torch.where(broken, THREATS[norm].norm(x_adv - x), torch.full_like(y, torch.inf,
                                                                               dtype=x.dtype))
@@ -71,17 +82,21 @@ class PGDSearch:
     eps_max: float = 20.0  # largest size searched
     rtol: float = 0.02
     fixed_size: None = field(default=None, init=False)
+    _pgd: PGD | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", Norm(self.norm))
         if not 0 < self.eps_init <= self.eps_max or not 0 < self.rtol < 1:
             raise ValueError(f"PGDSearch needs 0 < eps_init <= eps_max and 0 < rtol < 1, got "
                              f"{self.eps_init}, {self.eps_max}, {self.rtol}")
+        # Built (and its settings checked) now, when the run starts, not after training.
+        object.__setattr__(self, "_pgd", PGD(self.norm, steps=self.steps,
+                                             rel_step=self.rel_step, targets=self.targets))
 
     def distances(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Each image's search starts at its first-order distance estimate (at least
         eps_init): a start near the answer saves the rounds of growing from far below."""
-        attack = PGD(self.norm, steps=self.steps, rel_step=self.rel_step, targets=self.targets)
+        attack = self._pgd
         start = first_order_distance(model, x, y, self.norm).clamp(min=self.eps_init)
         return adversarial_distances(model, x, y, attack, self.norm, start, self.eps_max,
                                      self.rtol)
@@ -95,6 +110,10 @@ class DeepFool:
     overshoot: float = 0.02
     norm: Norm = field(default=Norm.l2, init=False)
     fixed_size: None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1 and self.overshoot >= 0,
+               f"DeepFool needs steps >= 1 and overshoot >= 0, got {self.steps}, {self.overshoot}")
 
     def distances(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         with eval_mode(model), frozen_parameters(model):
@@ -112,6 +131,11 @@ class CarliniWagner:
     lr: float = 0.01
     norm: Norm = field(default=Norm.l2, init=False)
     fixed_size: None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        _check(self.c > 0 and self.kappa >= 0 and self.steps >= 1 and self.lr > 0,
+               f"CarliniWagner needs c > 0, kappa >= 0, steps >= 1, lr > 0, got c={self.c}, "
+               f"kappa={self.kappa}, steps={self.steps}, lr={self.lr}")
 
     def distances(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         with eval_mode(model), frozen_parameters(model):
@@ -135,6 +159,9 @@ class SquareGrid:
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", Norm(self.norm))
         object.__setattr__(self, "sizes", tuple(sorted(float(s) for s in self.sizes)))
+        _check(len(self.sizes) > 0 and self.sizes[0] > 0 and self.n_queries >= 1
+               and 0 < self.p_init <= 1, "SquareGrid needs positive sizes, n_queries >= 1 and "
+               f"0 < p_init <= 1, got {self.sizes}, {self.n_queries}, {self.p_init}")
 
     def distances(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         with eval_mode(model), frozen_parameters(model):
@@ -148,7 +175,7 @@ class SquareGrid:
                                              n_queries=self.n_queries, p_init=self.p_init,
                                              seed=self.seed)
                 x_adv = attack(x[todo], y[todo])
-                with torch.no_grad():
+                with torch.no_grad(), _full_precision(x):
                     broken = model(x_adv).argmax(1) != y[todo]
                 d[todo[broken]] = eps
             return d
@@ -169,6 +196,9 @@ class AutoAttack:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", Norm(self.norm))
+        _check(self.eps > 0, f"AutoAttack needs eps > 0, got {self.eps}")
+        _check(self.version in AUTOATTACK_VERSIONS,
+               f"AutoAttack version must be one of {AUTOATTACK_VERSIONS}, got {self.version!r}")
 
     @property
     def fixed_size(self) -> float:
@@ -189,6 +219,8 @@ def settings(attack: object) -> dict:
     """The attack's settings, JSON-ready, for results.json."""
     out = {"attack": type(attack).__name__}
     for f in dataclasses.fields(attack):
+        if f.name.startswith("_"):
+            continue
         value = getattr(attack, f.name)
         out[f.name] = value.value if isinstance(value, Norm) else value
     return out

@@ -29,7 +29,8 @@ class RobustnessEvaluation(pl.Callback):
         self.n_images, self.batch_size, self.grid_points, self.bf16 = (
             n_images, batch_size, grid_points, bf16)
         self.error_at = {Norm.l2: list(error_at_l2), Norm.linf: list(error_at_linf)}
-        self.results: dict[str, Any] | None = None
+        self.results: dict[str, Any] | None = None  # rank 0 only
+        self.done = False  # on every rank, once run() has finished
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_train_end, not on_fit_end: the model is still on its device and, under DDP,
@@ -49,6 +50,7 @@ class RobustnessEvaluation(pl.Callback):
         evaluation = evaluate(pl_module.net, x[:n], y[:n], self.attacks,
                               error_at_sizes=self.error_at, batch_size=self.batch_size,
                               grid_points=self.grid_points, bf16=self.bf16)
+        self.done = True
         if evaluation is None:  # not rank 0
             return None
         evaluation.results["files"] = write_outputs(evaluation, self.output_dir)
