@@ -54,8 +54,6 @@ def provenance() -> dict[str, Any]:
 
 
 def read_results(path: Path) -> dict[str, Any] | None:
-    import json
-
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 class RobustnessEvaluation(pl.Callback):
-    """At the end of ``fit``, evaluate the final network on the first ``n_images`` test images
+    """At the end of training, evaluate the final network on the first ``n_images`` test images
     with every attack; write error_curves.csv/png and distances.npz into ``output_dir``, log
     the numbers, and keep them in ``self.results`` for results.json.
 
