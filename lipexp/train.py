@@ -60,26 +60,30 @@ def read_results(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def build(cfg: DictConfig) -> tuple[RobustClassifier, pl.LightningDataModule, pl.Trainer]:
-    """Instantiate module, data module and trainer; no data is read yet."""
-    objective = instantiate(cfg.lip)
-    if cfg.trainer.get("sync_batchnorm") and needs_double_backward(objective):
-        raise ValueError(
-            "trainer.sync_batchnorm=true cannot be combined with the exact Lipschitz penalty "
-            "(lip.method=exact): PyTorch has no double backward through SyncBatchNorm. Keep "
-            "batch normalization per rank (trainer.sync_batchnorm=false) or use lip=none."
-        )
-    module = RobustClassifier(
+def build_module(cfg: DictConfig) -> RobustClassifier:
+    """The LightningModule of a run config (training, or a checkpoint's own config)."""
+    return RobustClassifier(
         model=instantiate(cfg.model),
         head=instantiate(cfg.head),
         perturb=instantiate(cfg.adv),
-        objective=objective,
+        objective=instantiate(cfg.lip),
         optimizer=instantiate(cfg.optimizer),
         # scheduler=none: no _target_ (a recipe may still have set milestones there)
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler.get("_target_") else None,
         config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         provenance=provenance(),
     )
+
+
+def build(cfg: DictConfig) -> tuple[RobustClassifier, pl.LightningDataModule, pl.Trainer]:
+    """Instantiate module, data module and trainer; no data is read yet."""
+    module = build_module(cfg)
+    if cfg.trainer.get("sync_batchnorm") and needs_double_backward(module.objective):
+        raise ValueError(
+            "trainer.sync_batchnorm=true cannot be combined with the exact Lipschitz penalty "
+            "(lip.method=exact): PyTorch has no double backward through SyncBatchNorm. Keep "
+            "batch normalization per rank (trainer.sync_batchnorm=false) or use lip=none."
+        )
     datamodule = instantiate(cfg.data)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [evaluation_callback(cfg)]
     logger = instantiate(cfg.logger) if cfg.logger else False
@@ -226,11 +230,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     if not Path(run_cfg.data.data_dir).exists():  # trained elsewhere: this command's folder
         run_cfg.data.data_dir = cfg.data.data_dir
     pl.seed_everything(run_cfg.seed, workers=True)
-    module = RobustClassifier(
-        model=instantiate(run_cfg.model), head=instantiate(run_cfg.head),
-        perturb=instantiate(run_cfg.adv), objective=instantiate(run_cfg.lip),
-        optimizer=instantiate(run_cfg.optimizer),
-    )
+    module = build_module(run_cfg)
     module.load_state_dict(checkpoint["state_dict"])
     module.to("cuda" if torch.cuda.is_available() else "cpu")
     datamodule = instantiate(run_cfg.data)

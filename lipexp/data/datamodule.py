@@ -122,11 +122,13 @@ class ImageDataModule(pl.LightningDataModule):
             raise RuntimeError("call setup() first")
         return self._test.tensors[0], self._test.tensors[1]
 
-    def _loader(self, dataset: TensorDataset, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, dataset: TensorDataset, batch_size: int, train: bool,
+                sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             # Drop the last, smaller batch (uneven batch statistics), unless it is the only one.
             drop_last=train and len(dataset) > batch_size,
             num_workers=self.num_workers,
@@ -147,12 +149,9 @@ class ImageDataModule(pl.LightningDataModule):
         """The test split. Under DDP each image goes to exactly one rank: Lightning's default
         DistributedSampler would pad the split with repeated images and bias the error."""
         world = self.trainer.world_size if self.trainer is not None else 1
-        if world == 1:
-            return self._loader(self._test, self.eval_batch_size, train=False)
-        sampler = UnrepeatedDistributedSampler(self._test, num_replicas=world,
-                                               rank=self.trainer.global_rank, shuffle=False)
-        return DataLoader(self._test, batch_size=self.eval_batch_size, sampler=sampler,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+        sampler = None if world == 1 else UnrepeatedDistributedSampler(
+            self._test, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
+        return self._loader(self._test, self.eval_batch_size, train=False, sampler=sampler)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Convert x to float32 in [0, 1] on the device; augment during training only."""
