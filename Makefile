@@ -28,7 +28,6 @@ test-slow: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf outputs multirun .pytest_cache

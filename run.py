@@ -3,25 +3,31 @@
 Returns the clean test error (the metric a Hydra sweeper minimizes).
 """
 
-import json
-import os
+import logging
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lipexp.config import Mode, register
+from lipexp.deprecations import chosen_options, notices
+from lipexp.distributed import child_argv
 
 register()
-if os.environ.get("LIPEXP_DDP_ARGV") and os.environ.get("LOCAL_RANK", "0") != "0":
-    # A DDP child started by Lightning: run the parent's job (see train.py), not its argv.
-    sys.argv = [sys.argv[0], *json.loads(os.environ["LIPEXP_DDP_ARGV"])]
+if (argv := child_argv()) is not None:
+    # A DDP child started by Lightning: run the parent's job (lipexp.distributed.job_scope).
+    sys.argv = [sys.argv[0], *argv]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    # imported here: torch loads only after Hydra has parsed the command line
-    from lipexp.train import evaluate_checkpoint, run
+    hydra_cfg = HydraConfig.get()
+    for notice in notices(chosen_options(hydra_cfg.runtime.choices, hydra_cfg.overrides.task)):
+        logging.getLogger("lipexp").warning(notice)
+    # imported here: the heavy modules load only after Hydra has parsed the command line
+    from lipexp.reevaluate import evaluate_checkpoint
+    from lipexp.train import run
 
     results = {Mode.train: run, Mode.eval: evaluate_checkpoint}[Mode(cfg.mode)](cfg)
     return results["clean"]["error"] if "clean" in results else results["clean_error"]

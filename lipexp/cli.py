@@ -26,7 +26,7 @@ def _report(folder: str) -> int:
     print(f"{len(summary['rows'])} table rows (grid x defence), "
           f"{len(summary['failed'])} failed and {len(summary['unfinished'])} unfinished runs")
     for path in [files["markdown"], files["adversarial_csv"], files["stability_csv"],
-                 *files["figures"]]:
+                 files["attacks_csv"], *files["figures"]]:
         print(path)
     return 0
 

@@ -9,7 +9,6 @@ constructors, which ``train`` calls before touching the data.
 """
 
 import dataclasses
-import hashlib
 import inspect
 from dataclasses import dataclass, field
 from enum import Enum
@@ -19,21 +18,18 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+from lipexp.errors import require
 
 
 class Scaling(str, Enum):
-    """How the penalty scales the largest gradient norm of the minibatch (METHOD.md)."""
+    """How the penalty scales the largest gradient norm of the minibatch (docs/method.md)."""
 
     per_example = "per_example"  # max_i ||grad_x l(x_i)||
     batch_mean = "batch_mean"  # the authors' code: grad of the batch-MEAN loss, i.e. / B
 
 
 class Method(str, Enum):
-    """How the input-gradient norm is computed."""
+    """How the input-gradient norm is computed (lipexp.defences.lipschitz.ESTIMATORS)."""
 
     exact = "exact"  # double backpropagation through the graph
 
@@ -61,7 +57,7 @@ class AdvStepConfig:
     clip: bool = True  # keep x + a in [0, 1]; the authors' code does not clip
 
     def __post_init__(self) -> None:
-        _check(self.eps >= 0, f"adv.eps must be >= 0 (an l2 size in pixels), got {self.eps}")
+        require(self.eps >= 0, f"adv.eps must be >= 0 (an l2 size in pixels), got {self.eps}")
 
 
 @dataclass
@@ -78,7 +74,7 @@ class LipConfig:
 
     _target_: str = MISSING
     _partial_: bool = True
-    norm: int = 2  # dual norm of the attack: 2 for l2 attacks, 1 for l-infinity attacks
+    dual_norm: int = 2  # the gradient's norm, dual of the attack's: 2 (l2), 1 (l-infinity)
     lam: float = 0.1  # penalty weight (the study: 0.1; divided by sqrt(n) for Lip1)
     lam_over_sqrt_n: bool = False  # Lip1: the weight used is lam / sqrt(input dimension)
     scaling: Scaling = Scaling.batch_mean
@@ -87,9 +83,10 @@ class LipConfig:
     method: Method = Method.exact
 
     def __post_init__(self) -> None:
-        _check(self.norm in (1, 2), f"lip.norm must be 1 or 2, got {self.norm}")
-        _check(self.lam >= 0, f"lip.lam must be >= 0, got {self.lam}")
-        _check(
+        require(self.dual_norm in (1, 2), f"lip.dual_norm must be 1 (Lip1, dual of l-infinity) "
+                f"or 2 (Lip2, dual of l2), got {self.dual_norm}")
+        require(self.lam >= 0, f"lip.lam must be >= 0, got {self.lam}")
+        require(
             self.target is None or self.target >= 0,
             f"lip.target (hinge target L0) must be >= 0 or null, got {self.target}",
         )
@@ -115,16 +112,18 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_classes", "in_channels", "image_size", "batch_size", "eval_batch_size"):
-            _check(getattr(self, name) > 0, f"data.{name} must be > 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            require(value > 0, f"data.{name} must be > 0, got {value}")
         for name in ("num_workers", "crop_padding", "cutout"):
-            _check(getattr(self, name) >= 0, f"data.{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            require(value >= 0, f"data.{name} must be >= 0, got {value}")
 
 
 @dataclass
 class EvalConfig:
     """The robustness evaluation at the end of a run (``lipexp.evaluation``)."""
 
-    _target_: str = "lipexp.evaluation.callback.RobustnessEvaluation"
+    _target_: str = "lipexp.evaluation.runner.Evaluator"
     n_images: int | None = None  # the first n test images; None: all
     batch_size: int = 500
     error_at_l2: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.5, 1.5])
@@ -133,12 +132,34 @@ class EvalConfig:
     bf16: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.n_images is None or self.n_images > 0,
-               f"eval.n_images must be > 0 or null (all), got {self.n_images}")
-        _check(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
-        _check(self.grid_points >= 2, f"eval.grid_points must be >= 2, got {self.grid_points}")
+        require(self.n_images is None or self.n_images > 0,
+                f"eval.n_images must be > 0 or null (all), got {self.n_images}")
+        require(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
+        require(self.grid_points >= 2, f"eval.grid_points must be >= 2, got {self.grid_points}")
         sizes = [*self.error_at_l2, *self.error_at_linf]
-        _check(all(s >= 0 for s in sizes), f"eval.error_at_* sizes must be >= 0, got {sizes}")
+        require(all(s >= 0 for s in sizes), f"eval.error_at_* sizes must be >= 0, got {sizes}")
+
+
+@dataclass
+class RecipeConfig:
+    """The training schedule of a data set (docs/method.md, "Training recipe"): the one place
+    these numbers live; trainer, optimizer and scheduler read them by interpolation."""
+
+    epochs: int = MISSING  # trainer.max_epochs
+    lr: float = MISSING  # optimizer.lr, the initial learning rate
+    weight_decay: float = MISSING  # optimizer.weight_decay: SGD's, = 2 x the loss term's decay
+    milestones: list[int] = MISSING  # scheduler.milestones: epochs where lr is multiplied
+    gamma: float = MISSING  # scheduler.gamma: by this factor
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, f"recipe.epochs must be >= 1, got {self.epochs}")
+        require(self.lr > 0, f"recipe.lr must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0,
+                f"recipe.weight_decay must be >= 0, got {self.weight_decay}")
+        require(all(m >= 0 for m in self.milestones) and list(self.milestones)
+                == sorted(self.milestones), "recipe.milestones must be increasing epochs >= 0, "
+                f"got {list(self.milestones)}")
+        require(0 < self.gamma <= 1, f"recipe.gamma must be in (0, 1], got {self.gamma}")
 
 
 @dataclass
@@ -150,8 +171,9 @@ class Config:
     head: Any = MISSING
     adv: Any = MISSING
     lip: Any = MISSING
+    recipe: Any = MISSING
     optimizer: Any = MISSING
-    scheduler: Any = None
+    scheduler: Any = MISSING
     trainer: Any = MISSING
     logger: Any = None
     callbacks: Any = field(default_factory=dict)
@@ -165,44 +187,12 @@ class Config:
     name: str = "lipexp"  # run and sweep name (W&B group, folder names)
 
 
-def run_dirname(override_dirname: str, max_len: int = 120) -> str:
-    """Folder name of a run: its command-line overrides (``default`` when there are none).
-
-    Names longer than ``max_len`` (file systems stop at 255 bytes) keep their start and end
-    a hash of the whole, so the same command still finds the same folder; the full list
-    is in the run's .hydra/overrides.yaml.
-    """
-    name = override_dirname.replace("/", "_") or "default"
-    if len(name) <= max_len:
-        return name
-    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
-    return f"{name[:max_len - 13]}~{digest}"
-
-
-def run_label(adv: Any, lip: Any, head: Any, model: Any, seed: int) -> str:
-    """Readable run name, ``J2-Lip2 & tanh / resnext34 / seed 0`` (W&B run names)."""
-    from lipexp.naming import run_label as label
-
-    parts = {"adv": adv, "lip": lip, "head": head, "model": model}
-    return label({k: OmegaConf.to_container(v, resolve=True) for k, v in parts.items()}
-                 | {"seed": seed})
-
-
-def defence_tags(adv: Any, lip: Any, head: Any) -> list[str]:
-    """The defence's terms as tags: ``["J2", "Lip2", "tanh"]``."""
-    from lipexp.naming import defence_name
-
-    parts = {"adv": adv, "lip": lip, "head": head}
-    name = defence_name({k: OmegaConf.to_container(v, resolve=True) for k, v in parts.items()})
-    return name.replace(" & ", "-").split("-")
-
-
 def register() -> None:
-    """Put the schemas into Hydra's ConfigStore and the resolvers into OmegaConf (idempotent)."""
-    for name, resolver in [("run_dirname", run_dirname), ("run_label", run_label),
-                           ("defence_tags", defence_tags)]:
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, resolver)
+    """Put the schemas into Hydra's ConfigStore and lipexp's resolvers into OmegaConf
+    (idempotent); run.py and the tests call it before composing."""
+    from lipexp.resolvers import register_resolvers
+
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     cs.store(group="schema/adv", name="none", node=NoAdvConfig)
@@ -211,6 +201,12 @@ def register() -> None:
     cs.store(group="schema/lip", name="penalty", node=LipConfig)
     cs.store(group="schema/data", name="image", node=DataConfig)
     cs.store(group="schema/eval", name="default", node=EvalConfig)
+    cs.store(group="schema/recipe", name="recipe", node=RecipeConfig)
+
+
+# Keys renamed since earlier versions: a command line that still uses the old key is told the
+# new one (a renamed key cannot keep working silently: both would be accepted and disagree).
+RENAMED_KEYS = {"lip.norm": "lip.dual_norm"}
 
 
 def _join(path: str, key: str) -> str:
@@ -230,19 +226,29 @@ def _check_keys(node: Any, path: str) -> None:
     if dataclasses.is_dataclass(schema):
         allowed = {f.name for f in dataclasses.fields(schema)}
         extra = sorted(set(keys) - allowed)
-        _check(not extra, f"{_join(path, extra[0] if extra else '')} is not a setting of "
-               f"{path or 'the config'}; allowed: "
-               f"{', '.join(sorted(allowed - {'_target_', '_partial_'}))}")
+        key = _join(path, extra[0]) if extra else ""
+        renamed = f" (renamed: use {RENAMED_KEYS[key]})" if key in RENAMED_KEYS else ""
+        require(not extra, f"{key} is not a setting of {path or 'the config'}{renamed}; "
+                f"allowed: {', '.join(sorted(allowed - {'_target_', '_partial_'}))}")
     if node.get("_partial_", False) and "_target_" in node:
         params = inspect.signature(get_object(node._target_)).parameters
         accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
         unknown = [k for k in keys if not k.startswith("_") and k not in params]
-        _check(accepts_any or not unknown,
+        require(accepts_any or not unknown,
                f"{_join(path, unknown[0] if unknown else '')} is not an argument of "
                f"{node._target_}; "
                f"allowed: {', '.join(p for p in params if p not in ('model', 'x', 'y'))}")
     for k in keys:
         _check_keys(node._get_node(k), _join(path, k))
+
+
+def as_plain_dict(cfg: DictConfig) -> dict:
+    """The resolved config as plain data (as written, unresolved, where a value cannot be
+    resolved: a failure record must still say what the user asked for)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    except Exception:  # any resolution error: keep the config as written
+        return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
 
 
 def validate(cfg: DictConfig) -> None:

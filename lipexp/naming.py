@@ -1,7 +1,8 @@
-"""The study's display names of runs, from a resolved run config (METHOD.md "Naming").
+"""The study's display names of runs, from a resolved run config (docs/method.md,
+"Training objective": J2-Lip2 & tanh, ...).
 
 ``config`` is the resolved config of one run as results.json stores it (a plain dict):
-``config["adv"]["_target_"]``, ``config["lip"]["_target_"]`` (and ``norm``),
+``config["adv"]["_target_"]``, ``config["lip"]["_target_"]`` (and ``dual_norm``),
 ``config["head"]["_target_"]``, ``config["model"]``, ``config["data"]["source"]``, ``seed``.
 Every function falls back to the last component of an unknown ``_target_`` and never raises
 on a missing or unexpected entry: reports must show every run, whatever its config.
@@ -9,10 +10,13 @@ on a missing or unexpected entry: reports must show every run, whatever its conf
 
 from typing import Any
 
-# adversarial training: the last component of adv._target_ -> name
-ADV_NAMES = {"no_perturbation": "J0", "fgsm": "J1", "l2_step": "J2"}
+# adversarial training: the last component of adv._target_ -> name (with the function names
+# of earlier lipexp versions, so that their results.json files are still named)
+ADV_NAMES = {"no_perturbation": "J0", "signed_gradient_step": "J1", "l2_gradient_step": "J2",
+             "fgsm": "J1", "l2_step": "J2"}
 # Lipschitz term: the last component of lip._target_ -> name ("" = no term)
-LIP_NAMES = {"cross_entropy": "", "lipschitz_penalty": "Lip{norm}"}
+LIP_NAMES = {"cross_entropy": "", "penalized_cross_entropy": "Lip{norm}",
+             "lipschitz_penalty": "Lip{norm}"}
 # logit layer: the last component of head._target_ -> suffix of the defence name
 HEAD_SUFFIXES = {"Identity": "", "TanhHead": " & tanh"}
 # model: the last component of model._target_ -> name (ResNet/imagenet_resnet: see model_name)
@@ -50,7 +54,8 @@ def defence_name(config: dict) -> str:
     adv = ADV_NAMES.get(adv_target, adv_target or "?")
     lip_section = _section(config, "lip")
     lip_target = _target(lip_section)
-    lip = (LIP_NAMES[lip_target].format(norm=lip_section.get("norm", "?"))
+    dual_norm = lip_section.get("dual_norm", lip_section.get("norm", "?"))  # earlier: "norm"
+    lip = (LIP_NAMES[lip_target].format(norm=dual_norm)
            if lip_target in LIP_NAMES else lip_target)
     head_target = _target(_section(config, "head"))
     suffix = HEAD_SUFFIXES.get(head_target, f" & {head_target}" if head_target else "")

@@ -1,16 +1,19 @@
-"""Tables, CSVs and figures of a folder of runs (METHOD.md "Evaluation protocol").
+"""Tables, CSVs and figures of a folder of runs (docs/method.md, "Evaluation protocol").
 
 ``report(folder)`` reads every ``results.json`` under ``folder`` (a run folder, or a Hydra
 multirun folder of jobs), groups the completed runs by grid = (data, model) and, within a
 grid, by defence (the study's names, lipexp.naming); the seeds of one defence are aggregated
 as mean ± sample standard deviation (ddof = 1). It writes into ``folder``, atomically:
 
-- ``report.md``: per grid, a table of adversarial statistics and one of stability
-  statistics, one row per defence in the study's order, the best of each column in bold;
-  then every run that is not in the tables (failed, unfinished, unreadable) with its folder;
+- ``report.md``: per grid, a table of adversarial statistics (the two PGDs), one of every
+  attack that the grid's runs evaluated (whatever their names in results.json) and one of
+  stability statistics, one row per defence in the study's order, the best of each column
+  in bold; then every run that is not in the tables (failed, unfinished, unreadable) with
+  its folder;
 - ``report_adversarial.csv``, ``report_stability.csv``: one row per grid x defence, each
   statistic's mean and std in results.json's units (errors as fractions; empty: not
   available);
+- ``report_attacks.csv``: one row per grid x defence x attack (see ``write_attacks_csv``);
 - ``report_<data>_<model>_l2.png``: the l2 PGD error curves of all defences of a grid.
 """
 
@@ -26,10 +29,10 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global state
 from matplotlib.ticker import NullFormatter
-from matplotlib.transforms import blended_transform_factory
 
 from lipexp.evaluation.curves import size_key
-from lipexp.evaluation.plots import _atomic
+from lipexp.evaluation.plots import draw_error_curve
+from lipexp.files import atomic_path
 from lipexp.naming import data_name, defence_name, defence_sort_key, model_name, run_label
 
 L2_ATTACK, LINF_ATTACK = "l2_pgd", "linf_pgd"  # the attacks of the tables (results.json names)
@@ -115,12 +118,63 @@ STABILITY = (
     Stat("grad_loss_l2_mean", "mean ‖∇ℓ‖₂",
          lambda r: _get(r, "stability", "grad_loss_l2", "mean")),
 )
+NORM_NAMES = {"l2": "l2", "linf": "l-inf"}  # results.json's norm -> the tables' name
+ATTACKS_NOTE = (
+    "Every attack that the runs evaluated, by its name in results.json: the median "
+    "adversarial distance of an attack with an error curve (largest is best), and the error "
+    "at its one size of a fixed-size attack such as AutoAttack (lowest is best)."
+)
 STABILITY_NOTE = (
     "Stability statistics over the evaluated test images, model in eval mode: per-example "
     "norms of the input gradient of the loss ℓ and induced norms ‖·‖ₚ,q of the Jacobian of "
     "the logits f (after the tanh layer when present). The paper's loss-gradient columns "
     "(‖∇ℓ‖) are gradients of the mean loss over test batches of 100, i.e. these values / 100."
 )
+
+
+
+
+def _size_text(norm: str, size: float) -> str:
+    """A size as the tables write it: l-inf in 1/255 units ("8/255"), others as numbers."""
+    return f"{255 * size:.4g}/255" if norm == "linf" else f"{size:.4g}"
+
+
+@dataclass(frozen=True)
+class AttackColumn:
+    """One attack of a grid, by its name in results.json: ``eps`` None for an attack with an
+    error curve (its column: the median distance), else the size of a fixed-size attack
+    (its column: the error at that size)."""
+
+    name: str
+    norm: str
+    eps: float | None
+
+    @property
+    def stat(self) -> Stat:
+        norm = NORM_NAMES.get(self.norm, self.norm)
+        if self.eps is None:
+            return Stat(self.name, f"{self.name}: median {norm} distance",
+                        lambda r: _get(r, "attacks", self.name, "median"), best=max,
+                        per255=self.norm == "linf")
+        return Stat(self.name, f"{self.name}: error (%) at {norm} "
+                    f"{_size_text(self.norm, self.eps)}", _error_at(self.name, self.eps),
+                    scale=100, spec=".2f")
+
+
+def attack_columns(runs: list[Run]) -> tuple[AttackColumn, ...]:
+    """Every attack of the runs' results.json, in order of first appearance; an attack is
+    described by the first run that has it with a median or a fixed size (``eps``)."""
+    columns: dict[str, AttackColumn] = {}
+    for run in runs:
+        for name, entry in (_get(run.results, "attacks") or {}).items():
+            if name in columns or not isinstance(entry, dict):
+                continue
+            norm = str(entry.get("norm", "?"))
+            if "median" in entry:
+                columns[name] = AttackColumn(name, norm, None)
+            elif isinstance(entry.get("eps"), int | float):
+                columns[name] = AttackColumn(name, norm, float(entry["eps"]))
+    return tuple(columns.values())
 
 
 # ---------------------------------------------------------------- finding and grouping runs
@@ -281,7 +335,7 @@ def write_csv(path: Path, rows: list[dict], stats: tuple[Stat, ...]) -> None:
     mean and std (results.json units; empty: not available), folders (";"-separated)."""
     header = ["data", "model", "defence", "n_seeds", "seeds"]
     header += [f"{s.key}_{m}" for s in stats for m in ("mean", "std")] + ["folders"]
-    with _atomic(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for row in rows:
@@ -292,13 +346,39 @@ def write_csv(path: Path, rows: list[dict], stats: tuple[Stat, ...]) -> None:
                             + [";".join(row["folders"])])
 
 
+ATTACKS_CSV = ("data", "model", "defence", "attack", "norm", "n_seeds", "median_mean",
+               "median_std", "eps", "error_mean", "error_std")
+
+
+def write_attacks_csv(path: Path, rows: list[dict]) -> None:
+    """One row per grid x defence x attack that at least one of the defence's seeds
+    evaluated: data, model, defence, attack (results.json's name), norm, n_seeds (the seeds
+    that evaluated it), then for an attack with a curve its median distance's mean and std,
+    for a fixed-size attack its size ``eps`` and the error's mean and std (a fraction);
+    empty: not applicable or not available."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, ATTACKS_CSV, restval="")
+        writer.writeheader()
+        for row in rows:
+            for name, a in row["attacks"].items():
+                if a["n"] == 0:
+                    continue
+                value = "median" if a["eps"] is None else "error"
+                writer.writerow({
+                    "data": row["data"], "model": row["model"], "defence": row["defence"],
+                    "attack": name, "norm": a["norm"], "n_seeds": a["n"],
+                    "eps": "" if a["eps"] is None else repr(a["eps"]),
+                    **{f"{value}_{m}": "" if math.isnan(a[m]) else repr(a[m])
+                       for m in ("mean", "std")},
+                })
+
+
 def plot_grid(path: Path, title: str, defences: dict[str, list[Run]]) -> None:
     """l2 PGD error (%) against size, log size axis, one colour per defence (dashed: & tanh);
     the first seed thick, with its error at size 0 (the clean error of the attacked images)
     in the legend and as a triangle on the left edge; further seeds thin."""
     fig = Figure(figsize=(9, 4.8), layout="constrained")
     ax = fig.subplots()
-    edge = blended_transform_factory(ax.transAxes, ax.transData)  # x: axes, y: data
     bases: list[str] = []  # defence names without " & tanh": one colour each
     several = False
     for name, runs in defences.items():
@@ -308,17 +388,10 @@ def plot_grid(path: Path, title: str, defences: dict[str, list[Run]]) -> None:
         curves = [c for c in (_get(r.results, "attacks", L2_ATTACK, "curve") for r in runs) if c]
         several |= len(curves) > 1
         for i, curve in enumerate(curves):
-            eps = np.asarray(curve["eps"], dtype=float)
-            error = 100 * np.asarray(curve["error"], dtype=float)
-            label = None
-            if i == 0:
-                clean = error[eps == 0]
-                label = name + (f" (C(0) {clean[0]:.1f}%)" if clean.size else "")
-                label += f" [{len(curves)} seeds]" if len(curves) > 1 else ""
-                if clean.size:
-                    ax.plot(0, clean[0], ">", transform=edge, clip_on=False, **style)
-            ax.step(eps[eps > 0], error[eps > 0], where="post", label=label,
-                    lw=1.6 if i == 0 else 0.6, alpha=1.0 if i == 0 else 0.6, **style)
+            first = i == 0  # thick, in the legend and with its C(0) triangle
+            label = name + (f" [{len(curves)} seeds]" if len(curves) > 1 else "")
+            draw_error_curve(ax, curve, label if first else None, clean_marker=first,
+                             lw=1.6 if first else 0.6, alpha=1.0 if first else 0.6, **style)
     if ax.lines:
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
@@ -332,7 +405,7 @@ def plot_grid(path: Path, title: str, defences: dict[str, list[Run]]) -> None:
     ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(f"{title}: {L2_ATTACK} error curves"
                  + (" (thick: first seed, thin: further seeds)" if several else ""))
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
 
 
@@ -364,13 +437,16 @@ def _listing(run: Run, root: Path) -> str:
 
 
 def report(folder: str | Path) -> dict[str, Any]:
-    """Write report.md, report_adversarial.csv, report_stability.csv and one figure per grid
-    into ``folder``; FileNotFoundError if ``folder`` does not exist or has no results.json.
+    """Write report.md, report_adversarial.csv, report_stability.csv, report_attacks.csv and
+    one figure per grid into ``folder``; FileNotFoundError if ``folder`` does not exist or
+    has no results.json.
 
     Returns ``{"folder", "files": {"markdown", "adversarial_csv", "stability_csv",
-    "figures"}, "rows": [{"data", "model", "defence", "n_seeds", "seeds", "folders",
-    "stats": {key: {"mean", "std", "n"}}, "notes"}], "failed": [...], "unfinished": [...]}``,
-    the last two as ``{"folder", "status", "message"}``.
+    "attacks_csv", "figures"}, "rows": [{"data", "model", "defence", "n_seeds", "seeds",
+    "folders", "stats": {key: {"mean", "std", "n"}}, "attacks": {attack: {"norm", "eps",
+    "mean", "std", "n"}}, "notes"}], "failed": [...], "unfinished": [...]}``, the last two
+    as ``{"folder", "status", "message"}``; an attack's numbers are its median distance
+    (``eps`` None) or its error at ``eps`` (a fixed-size attack).
     """
     root = Path(folder).resolve()
     if not root.is_dir():
@@ -392,16 +468,24 @@ def report(folder: str | Path) -> dict[str, Any]:
              "half broken; —: not evaluated).", ""]
     rows, figures = [], []
     for (data, model), defences in grids.items():
+        columns = attack_columns([r for group in defences.values() for r in group])
+        attack_stats = tuple(c.stat for c in columns)
         grid_rows = []
         for name, group in defences.items():
+            found = aggregate(group, attack_stats)
             grid_rows.append({
                 "data": data, "model": model, "defence": name, "n_seeds": len(group),
                 "seeds": [r.config.get("seed") for r in group],
                 "folders": [_relative(r.folder, root) for r in group],
                 "stats": aggregate(group, ADVERSARIAL + STABILITY),
+                "attacks": {c.name: {"norm": c.norm, "eps": c.eps, **found[c.name]}
+                            for c in columns},
                 "notes": config_notes(group),
             })
         rows += grid_rows
+        every_attack = ["### Every attack", "",
+                        *markdown_table([r | {"stats": r["attacks"]} for r in grid_rows],
+                                        attack_stats), "", ATTACKS_NOTE, ""] if columns else []
         figure = root / f"report_{_safe(data)}_{_safe(model)}_l2.png"
         plot_grid(figure, f"{data} / {model}", defences)
         figures.append(figure)
@@ -411,7 +495,7 @@ def report(folder: str | Path) -> dict[str, Any]:
                   f"{_count(sum(map(len, defences.values())), 'run')}; attacks on "
                   f"{', '.join(map(str, n_images)) or '?'} test images.", "",
                   "### Adversarial robustness", "", *markdown_table(grid_rows, ADVERSARIAL), "",
-                  f"![l2 error curves]({figure.name})", "",
+                  f"![l2 error curves]({figure.name})", "", *every_attack,
                   "### Stability statistics", "", *markdown_table(grid_rows, STABILITY), "",
                   STABILITY_NOTE, ""]
         notes = [f"- {row['defence']}: {note}" for row in grid_rows for note in row["notes"]]
@@ -420,11 +504,13 @@ def report(folder: str | Path) -> dict[str, Any]:
     lines += ["## Runs not in the tables", ""]
     lines += [_listing(r, root) for r in others] or ["None: every run completed."]
     paths = {"markdown": root / "report.md", "adversarial_csv": root / "report_adversarial.csv",
-             "stability_csv": root / "report_stability.csv"}
-    with _atomic(paths["markdown"]) as tmp:
+             "stability_csv": root / "report_stability.csv",
+             "attacks_csv": root / "report_attacks.csv"}
+    with atomic_path(paths["markdown"]) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     write_csv(paths["adversarial_csv"], rows, ADVERSARIAL)
     write_csv(paths["stability_csv"], rows, STABILITY)
+    write_attacks_csv(paths["attacks_csv"], rows)
 
     def entry(r: Run) -> dict:
         return {"folder": _relative(r.folder, root), "status": r.status, "message": r.message}

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from lipexp.config import register
@@ -12,6 +13,28 @@ os.environ.setdefault("WANDB_MODE", "disabled")  # tests never reach the network
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"  # real MNIST etc.; never copied into the repo
 register()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread during the test: tiny models run faster without thread overhead, and
+    results do not depend on the machine's core count. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def build_run(cfg):
+    """``(module, datamodule, trainer)`` of a run config as ``lipexp.train.run`` builds them,
+    the end-of-training evaluation callback included."""
+    from lipexp.build import build_datamodule, build_evaluator, build_module, build_trainer
+    from lipexp.evaluation.callback import RobustnessEvaluation
+
+    module, datamodule = build_module(cfg), build_datamodule(cfg)
+    evaluation = RobustnessEvaluation(build_evaluator(cfg), cfg.paths.output_dir)
+    return module, datamodule, build_trainer(cfg, module, [evaluation])
 
 
 @pytest.fixture

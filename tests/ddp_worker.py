@@ -9,14 +9,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import lipexp.defences.lipschitz as lipschitz
-from lipexp.defences.adversarial import fgsm, l2_step, no_perturbation
+from lipexp.defences.adversarial import l2_gradient_step, no_perturbation, signed_gradient_step
 
 B, N_IN, K = 8, 12, 4  # global batch, input dimension, classes
 
 CASES = {  # name -> (perturbation, objective settings)
-    "J0-Lip2": (no_perturbation, {"norm": 2}),
-    "J2-Lip2": (partial(l2_step, eps=0.3, clip=False), {"norm": 2}),
-    "J1-Lip1": (partial(fgsm, eps=0.3, clip=False), {"norm": 1, "lam_over_sqrt_n": True}),
+    "J0-Lip2": (no_perturbation, {"dual_norm": 2}),
+    "J2-Lip2": (partial(l2_gradient_step, eps=0.3, clip=False), {"dual_norm": 2}),
+    "J1-Lip1": (partial(signed_gradient_step, eps=0.3, clip=False),
+                {"dual_norm": 1, "lam_over_sqrt_n": True}),
 }
 
 
@@ -45,7 +46,7 @@ class Step(nn.Module):
 
 def step_gradients(case: str, scaling: str, x, y, distributed: bool):
     perturb, kwargs = CASES[case]
-    objective = partial(lipschitz.lipschitz_penalty, lam=0.7, scaling=scaling, **kwargs)
+    objective = partial(lipschitz.penalized_cross_entropy, lam=0.7, scaling=scaling, **kwargs)
     step = Step(make_model(), perturb, objective)
     module = DistributedDataParallel(step) if distributed else step
     loss, logs = module(x, y)
@@ -69,13 +70,14 @@ def gradients_worker(rank: int, world: int, port: int, out: str, local_max: bool
     results = {(case, scaling): step_gradients(case, scaling, x[share], y[share], True)
                for case in CASES for scaling in ("per_example", "batch_mean")}
     torch.save(results, f"{out}/rank{rank}.pt")
+    dist.barrier()  # both ranks done before either tears down (gloo aborted otherwise)
     dist.destroy_process_group()
 
 
 def evaluation_worker(rank: int, world: int, port: int, out: str) -> None:
     """Every rank calls evaluate() on the same images; rank 0 saves the distances."""
     from lipexp.attacks.threat import Norm
-    from lipexp.evaluation.attacks import PGDSearch
+    from lipexp.evaluation.distance_attacks import PGDSearch
     from lipexp.evaluation.evaluate import evaluate
 
     _init(rank, world, port)
@@ -85,6 +87,7 @@ def evaluation_worker(rank: int, world: int, port: int, out: str) -> None:
     assert (ev is None) == (rank != 0)
     if rank == 0:
         torch.save({"distances": ev.distances, "results": ev.results}, f"{out}/eval.pt")
+    dist.barrier()  # both ranks done before either tears down (gloo aborted otherwise)
     dist.destroy_process_group()
 
 

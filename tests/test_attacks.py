@@ -17,12 +17,7 @@ D = 36  # input dimension C*H*W
 DUAL = {Norm.l2: 2, Norm.linf: 1}  # the exact distance divides by the dual norm of w_y - w_j
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def linear_model(dtype=torch.float32, seed=0) -> nn.Module:

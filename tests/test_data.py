@@ -216,5 +216,3 @@ def test_datamodule_validation():
         _digits_module(in_channels=3).setup("fit")
     with pytest.raises(ValueError, match=r"labels: expected in \[0, 5\)"):
         _digits_module(num_classes=5).setup("fit")
-    with pytest.raises(ValueError, match="batch_size"):
-        _digits_module(batch_size=0)

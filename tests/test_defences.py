@@ -1,5 +1,5 @@
 """Adversarial perturbations and Lipschitz penalties against closed forms and independent
-computations (METHOD.md's formulas)."""
+computations (docs/method.md's formulas)."""
 
 import math
 
@@ -10,8 +10,13 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from lipexp.config import Scaling
-from lipexp.defences.adversarial import fgsm, input_gradient, l2_step, no_perturbation
-from lipexp.defences.lipschitz import cross_entropy, lipschitz_penalty
+from lipexp.defences.adversarial import (
+    input_gradient,
+    l2_gradient_step,
+    no_perturbation,
+    signed_gradient_step,
+)
+from lipexp.defences.lipschitz import cross_entropy, penalized_cross_entropy
 
 C, H, W, K = 2, 3, 3, 4  # tiny images: channels, height, width, classes
 N = C * H * W
@@ -43,9 +48,9 @@ def test_input_gradient_matches_closed_form():
 
 
 @pytest.mark.parametrize("eps", [0.01, 0.3])
-def test_fgsm_closed_form_and_l2_size(eps):
+def test_signed_gradient_step_closed_form_and_l2_size(eps):
     model, (x, y) = linear_model(), batch()
-    x_adv = fgsm(model, x, y, eps=eps, clip=False)
+    x_adv = signed_gradient_step(model, x, y, eps=eps, clip=False)
     g = linear_loss_gradient(model, x, y)
     torch.testing.assert_close(x_adv, x + eps * g.sign() / math.sqrt(N))
     sizes = (x_adv - x).flatten(1).norm(dim=1)
@@ -53,9 +58,9 @@ def test_fgsm_closed_form_and_l2_size(eps):
 
 
 @pytest.mark.parametrize("eps", [0.01, 0.3])
-def test_l2_step_closed_form_and_l2_size(eps):
+def test_l2_gradient_step_closed_form_and_l2_size(eps):
     model, (x, y) = linear_model(), batch()
-    x_adv = l2_step(model, x, y, eps=eps, clip=False)
+    x_adv = l2_gradient_step(model, x, y, eps=eps, clip=False)
     g = linear_loss_gradient(model, x, y)
     expected = x + eps * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     torch.testing.assert_close(x_adv, expected)
@@ -66,7 +71,7 @@ def test_l2_step_closed_form_and_l2_size(eps):
 def test_perturbations_increase_loss_and_clip():
     model, (x, y) = linear_model(), batch()
     clean = F.cross_entropy(model(x), y, reduction="none")
-    for attack in (fgsm, l2_step):
+    for attack in (signed_gradient_step, l2_gradient_step):
         assert (F.cross_entropy(model(attack(model, x, y, eps=0.1, clip=False)), y,
                                 reduction="none") > clean).all()
         big = attack(model, x, y, eps=5.0, clip=True)  # far outside the box before clipping
@@ -119,8 +124,9 @@ def mlp(dtype=torch.float64) -> nn.Module:
 def test_penalty_equals_per_example_computation(norm, scaling, target, squared):
     model, (x, y) = mlp(), batch(b=8)
     lam, sqrt_n = 0.7, norm == 1
-    loss, logs = lipschitz_penalty(model, x, y, norm=norm, lam=lam, lam_over_sqrt_n=sqrt_n,
-                                   scaling=scaling, target=target, squared=squared)
+    loss, logs = penalized_cross_entropy(model, x, y, dual_norm=norm, lam=lam,
+                                         lam_over_sqrt_n=sqrt_n, scaling=scaling, target=target,
+                                         squared=squared)
     norms = per_example_grad_norms(model, x, y, norm)
     largest = norms.max()  # the hinge target is in per-example units, as logged
     excess = largest if target is None else max(largest - target, torch.zeros(()))
@@ -138,7 +144,7 @@ def test_penalty_equals_per_example_computation(norm, scaling, target, squared):
 def test_penalty_gradient_is_the_gradient_of_the_worst_example():
     """d/dtheta of lam * max_i ||g_i|| is lam * d/dtheta ||g_k|| for the argmax k."""
     model, (x, y) = mlp(), batch(b=8)
-    loss, _ = lipschitz_penalty(model, x, y, norm=2, lam=1.0, scaling="per_example")
+    loss, _ = penalized_cross_entropy(model, x, y, dual_norm=2, lam=1.0, scaling="per_example")
     ce = F.cross_entropy(model(x), y)
     grads = torch.autograd.grad(loss - ce, list(model.parameters()))
     k = per_example_grad_norms(model, x, y, 2).argmax()
@@ -157,7 +163,7 @@ def test_penalty_passes_gradcheck(norm, scaling):
 
     def objective(*params):
         net = lambda inp: functional_call(model, dict(zip(names, params)), (inp,))  # noqa: E731
-        return lipschitz_penalty(net, x, y, norm=norm, lam=0.5, scaling=scaling,
+        return penalized_cross_entropy(net, x, y, dual_norm=norm, lam=0.5, scaling=scaling,
                                  target=0.01, squared=True)[0]
 
     params = tuple(p.detach().clone().requires_grad_(True) for p in model.parameters())

@@ -62,7 +62,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     spawn(w.evaluation_worker, str(tmp_path))
     model, x, y = w.evaluation_problem()
     from lipexp.attacks.threat import Norm
-    from lipexp.evaluation.attacks import PGDSearch
+    from lipexp.evaluation.distance_attacks import PGDSearch
 
     single = evaluate(model, x, y, {"l2_pgd": PGDSearch("l2", steps=5, targets=2)},
                       error_at_sizes={Norm.l2: [0.1], Norm.linf: []}, batch_size=5)
@@ -89,7 +89,10 @@ def test_ddp_run_on_digits_writes_results_once(tmp_path):
 
 
 def test_sync_batchnorm_with_the_exact_penalty_is_refused(make_cfg):
-    from lipexp.train import build
+    from lipexp.build import build_module, build_trainer
+
+    def build(cfg):
+        return build_trainer(cfg, build_module(cfg), [])
 
     with pytest.raises(ValueError, match="SyncBatchNorm"):
         build(make_cfg("trainer.sync_batchnorm=true"))
@@ -99,14 +102,14 @@ def test_sync_batchnorm_with_the_exact_penalty_is_refused(make_cfg):
 def test_ddp_multirun_runs_each_job_once_in_its_own_folder(tmp_path):
     """Lightning re-launches ranks with sys.argv; under -m that must not rerun the sweep."""
     proc = subprocess.run(
-        [sys.executable, "run.py", "-m", "adv=none,l2", "trainer=ddp", "trainer.accelerator=cpu",
+        [sys.executable, "run.py", "-m", "adv=j0,j2", "trainer=ddp", "trainer.accelerator=cpu",
          "trainer.devices=2", "trainer.max_epochs=1", "eval.n_images=10",
          "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = {json.loads(p.read_text())["config"]["adv"]["_target_"].rsplit(".", 1)[1]:
              json.loads(p.read_text())["status"] for p in tmp_path.rglob("results.json")}
-    assert found == {"no_perturbation": "completed", "l2_step": "completed"}
+    assert found == {"no_perturbation": "completed", "l2_gradient_step": "completed"}
     assert proc.stdout.count("Run folder:") == 2
 
 

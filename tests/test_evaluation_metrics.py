@@ -1,5 +1,5 @@
 """Evaluation metrics against brute-force computations: error curves, medians, stability
-statistics (METHOD.md "Evaluation protocol"), and the curve figure / CSV."""
+statistics (docs/method.md, "Evaluation protocol"), and the curve figure / CSV."""
 
 import csv
 import math
@@ -244,3 +244,28 @@ def test_plot_and_csv(tmp_path):
     assert rows[0] == {"attack": "pgd_l2", "norm": "l2", "eps": "0.0",
                        "error": repr(curves["pgd_l2"]["curve"]["error"][0])}
     assert {(r["attack"], r["norm"]) for r in rows} == {(a, c["norm"]) for a, c in curves.items()}
+
+
+def test_draw_error_curve():
+    """The one drawing of a curve (run figure and report): a step over the positive sizes, in
+    %, C(0) in the label and as a triangle on the left edge in the line's colour."""
+    from matplotlib.figure import Figure
+
+    from lipexp.evaluation.plots import draw_error_curve
+
+    ax = Figure().subplots()
+    curve = {"eps": [0.0, 0.1, 0.2], "error": [0.1, 0.5, 1.0]}
+    line = draw_error_curve(ax, curve, "pgd", color="C3", ls="--")
+    assert line.get_label() == "pgd (C(0) 10.0%)" and line.get_linestyle() == "--"
+    np.testing.assert_array_equal(line.get_xdata(), [0.1, 0.2])
+    np.testing.assert_array_equal(line.get_ydata(), [50.0, 100.0])
+    (marker,) = [m for m in ax.lines if m is not line]
+    assert marker.get_marker() == ">" and marker.get_color() == line.get_color()
+    np.testing.assert_array_equal(marker.get_ydata(), [10.0])
+
+    ax = Figure().subplots()
+    line = draw_error_curve(ax, curve, clean_marker=False)  # a further seed: no label, no mark
+    assert list(ax.lines) == [line] and line.get_label().startswith("_")
+    ax = Figure().subplots()
+    line = draw_error_curve(ax, {"eps": [0.1, 0.2], "error": [0.5, 1.0]}, "no C(0)")
+    assert list(ax.lines) == [line] and line.get_label() == "no C(0)"

@@ -1,8 +1,8 @@
-"""Tests of lipexp.models: shapes, parameter counts (METHOD.md), branch mean, double
+"""Tests of lipexp.models: shapes, parameter counts (docs/method.md), branch mean, double
 backpropagation, channels_last and the tanh logit layer. CPU only, small batches."""
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -53,15 +53,7 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread for this module (restored after): these small CPU workloads gain
-    little from more, and when another process holds a core, spinning OpenMP threads made
-    the double-backprop tests about 20x slower (3 min instead of 10 s on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(model: nn.Module) -> int:
@@ -83,7 +75,7 @@ def test_output_shape(name: str, shape: tuple[int, int, int], num_classes: int) 
     ("name", "expected"), [("allcnn", 1.7e6), ("resnet34", 0.5e6), ("resnext34", 3.9e6)]
 )
 def test_parameter_count(name: str, expected: float, num_classes: int) -> None:
-    """METHOD.md: about 1.7M, 0.5M and 3.9M parameters."""
+    """docs/method.md, "Models": about 1.7M, 0.5M and 3.9M parameters."""
     count = n_params(BUILDERS[name](num_classes, 3))
     assert abs(count - expected) <= 0.1 * expected, f"{name}: {count} parameters"
 

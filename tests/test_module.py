@@ -6,17 +6,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from lipexp.train import build
+from .conftest import build_run as build
 
-COMBOS = list(itertools.product(["none", "fgsm", "l2"], ["none", "l1", "l2"], ["linear", "tanh"]))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead on a 2-core machine
-    yield
-    torch.set_num_threads(threads)
+COMBOS = list(itertools.product(["j0", "j1", "j2"], ["none", "lip1", "lip2"], ["linear", "tanh"]))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("adv,lip,head", COMBOS, ids=["-".join(c) for c in COMBOS])
@@ -38,7 +31,7 @@ def test_every_combination_completes_a_fast_dev_run(make_cfg, adv, lip, head):
 
 def test_training_step_is_the_composition_of_the_defences(make_cfg):
     """loss = objective(net, perturb(net, x, y), y), with the net in train mode."""
-    cfg = make_cfg("adv=l2", "adv.eps=0.5", "lip=l2", "lip.scaling=per_example")
+    cfg = make_cfg("adv=j2", "adv.eps=0.5", "lip=lip2", "lip.scaling=per_example")
     module, datamodule, _ = build(cfg)
     datamodule.setup("fit")
     x, y = next(iter(datamodule.train_dataloader()))
@@ -86,12 +79,13 @@ def test_constant_learning_rate(make_cfg):
     cfg = make_cfg("scheduler=none", "trainer.fast_dev_run=true", "logger=none", "model.width=8")
     module, datamodule, trainer = build(cfg)
     trainer.fit(module, datamodule=datamodule)
-    assert not trainer.lr_scheduler_configs
+    (config,) = trainer.lr_scheduler_configs  # a real scheduler that keeps the lr as it is
+    assert config.scheduler.get_last_lr() == [cfg.recipe.lr]
 
 
 @pytest.mark.parametrize("override", ["attacks.l2_pgd.steps=0", "attacks.linf_pgd.targets=-1",
-                                      "attacks=[autoattack]"])
+                                      "attacks=[linf_autoattack]"])
 def test_bad_attack_settings_fail_before_training(make_cfg, override):
-    extra = ["attacks.autoattack.version=standart"] if "autoattack" in override else []
+    extra = ["attacks.linf_autoattack.version=standart"] if "autoattack" in override else []
     with pytest.raises(Exception, match="steps|targets|version"):
         build(make_cfg(override, *extra))

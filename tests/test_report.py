@@ -24,9 +24,12 @@ INF = math.inf
 
 
 def conf(group: str, option: str) -> dict:
-    """The ``_target_`` and fields of conf/<group>/<option>.yaml (defaults lists dropped)."""
-    return {k: v for k, v in yaml.safe_load((CONF / group / f"{option}.yaml").read_text()).items()
-            if k != "defaults"}
+    """The ``_target_`` and fields of conf/<group>/<option>.yaml (defaults lists dropped); a
+    deprecated spelling (a file whose only content is ``defaults: [new option]``) is followed."""
+    data = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
+    if set(data) == {"defaults"} and len(data["defaults"]) == 1:
+        return conf(group, data["defaults"][0])
+    return {k: v for k, v in data.items() if k != "defaults"}
 
 
 # ---------------------------------------------------------------- naming
@@ -211,7 +214,7 @@ def tables(markdown: str) -> list[list[list[str]]]:
 def test_report_tables(sweep):
     summary = report(sweep)
     md = (sweep / "report.md").read_text()
-    adv, stab, x_adv, x_stab = tables(md)
+    adv, every, stab, x_adv, x_every, x_stab = tables(md)
     assert md.index("## cifar10 / resnet34") < md.index("## cifar10 / resnext34")
 
     # one row per defence, the study's names and order, n for the two seeds
@@ -236,6 +239,10 @@ def test_report_tables(sweep):
     # a grid of one run: no comparison, no bold
     assert x_adv[1] == ["J0", "4.00", "0.12", "50.00", "100.00", "0.006 (1.53/255)", "90.00"]
     assert "**" not in "".join(x_stab[1])
+    # every attack of the runs: here the two PGDs, the same medians as the first table
+    assert every[0][1:] == ["l2_pgd: median l2 distance", "linf_pgd: median l-inf distance"]
+    assert every[1:] == [[r[0], r[2], r[5]] for r in adv[1:]]  # bold included
+    assert x_every[1] == ["J0", "0.12", "0.006 (1.53/255)"]
 
     rows = {(r["model"], r["defence"]): r for r in summary["rows"]}
     seeds = rows["resnet34", "J2-Lip2 & tanh"]
@@ -318,7 +325,7 @@ def test_missing_statistics_show_a_dash(tmp_path):
     l2["curve"]["eps"][2] = 0.11
     write_run(tmp_path, "a", results)
     report(tmp_path)
-    adv, _ = tables((tmp_path / "report.md").read_text())
+    adv, _, _ = tables((tmp_path / "report.md").read_text())
     assert adv[1] == ["J0", "10.00", "0.2", "—", "10.00", "—", "—"]
 
 
@@ -336,3 +343,59 @@ def test_cli(sweep, tmp_path, capsys):
     done = subprocess.run([sys.executable, "-m", "lipexp.cli", "report", str(empty)],
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode != 0 and "no results.json" in done.stderr
+
+
+def test_report_shows_every_attack_of_the_runs(tmp_path):
+    """Attacks beyond the two PGDs, under an old run's name (deepfool) or today's: the median
+    of an attack with a curve, the error at its one size of a fixed-size attack."""
+
+    def deepfool(median):
+        return {"norm": "l2", "median": median, "n_unbroken": 0, "n_images": 1000,
+                "error_at": {}, "curve": {"eps": [0.0, 1.0], "error": [0.1, 1.0]},
+                "settings": {"attack": "DeepFool"}}
+
+    def autoattack(error):
+        return {"norm": "linf", "eps": 8 / 255, "n_images": 1000,
+                "error_at": {size_key(8 / 255): error}, "settings": {"attack": "AutoAttack"}}
+
+    runs = {  # job -> (defence options, seed, extra attacks)
+        "j0_s0": ((), 0, {"deepfool": deepfool(0.3), "linf_autoattack": autoattack(0.42)}),
+        "j0_s1": ((), 1, {"deepfool": deepfool(0.5), "linf_autoattack": autoattack(0.40)}),
+        "j2": (("l2",), 0, {"l2_deepfool": deepfool(0.7)}),
+    }
+    for job, (options, seed, extra) in runs.items():
+        results = results_json(cfg(tmp_path, job, *options, seed=seed), 0.1, (0.2, [0.1] * 7),
+                               (0.01, [0.1] * 4), (1, 1, 1, 1, 1))
+        results["attacks"] |= extra
+        write_run(tmp_path, job, results)
+    summary = report(tmp_path)
+
+    _, every, _ = tables((tmp_path / "report.md").read_text())
+    assert every[0] == ["defence", "l2_pgd: median l2 distance",
+                        "linf_pgd: median l-inf distance", "deepfool: median l2 distance",
+                        "linf_autoattack: error (%) at l-inf 8/255",
+                        "l2_deepfool: median l2 distance"]
+    assert [r[0] for r in every[1:]] == ["J0 (n=2)", "J2"]
+    assert every[1][3:] == ["0.4 ± 0.1414", "41.00 ± 1.41", "—"]  # one value a column: no bold
+    assert every[2][3:] == ["—", "—", "0.7"]
+
+    assert summary["files"]["attacks_csv"] == str(tmp_path.resolve() / "report_attacks.csv")
+    with open(summary["files"]["attacks_csv"], newline="") as f:
+        rows = {(r["defence"], r["attack"]): r for r in csv.DictReader(f)}
+    assert set(rows) == (  # no row for an attack that none of a defence's seeds evaluated
+        {("J0", a) for a in ("l2_pgd", "linf_pgd", "deepfool", "linf_autoattack")}
+        | {("J2", a) for a in ("l2_pgd", "linf_pgd", "l2_deepfool")})
+    df = rows["J0", "deepfool"]
+    assert (df["data"], df["model"], df["norm"], df["n_seeds"]) == (
+        "cifar10", "resnet34", "l2", "2")
+    assert float(df["median_mean"]) == pytest.approx(0.4)
+    assert float(df["median_std"]) == pytest.approx(np.std([0.3, 0.5], ddof=1))
+    assert df["eps"] == df["error_mean"] == ""
+    aa = rows["J0", "linf_autoattack"]
+    assert float(aa["eps"]) == 8 / 255 and aa["median_mean"] == ""
+    assert float(aa["error_mean"]) == pytest.approx(0.41)
+    assert float(rows["J2", "l2_deepfool"]["median_mean"]) == 0.7
+    assert rows["J2", "l2_deepfool"]["median_std"] == ""  # one seed: no std
+    j0 = next(r for r in summary["rows"] if r["defence"] == "J0")
+    assert j0["attacks"]["linf_autoattack"]["eps"] == 8 / 255
+    assert j0["attacks"]["l2_deepfool"]["n"] == 0

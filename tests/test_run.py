@@ -10,7 +10,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lipexp.train import RunFolderError, run
+from lipexp.runfolder import RunFolderError
+from lipexp.train import run
 
 from .conftest import REPO, SHARED_DATASETS
 
@@ -46,7 +47,7 @@ def test_run_py_writes_results_and_checkpoints(tmp_path):
 @pytest.mark.parametrize(
     "override,message",
     # Composition and range errors; test_config.py checks every message in-process.
-    [("adv=pgd", "Available options in 'adv'"), ("lip.norm=3", "lip.norm must be 1 or 2")],
+    [("adv=pgd", "Available options in 'adv'"), ("lip.dual_norm=3", "lip.dual_norm must be 1")],
 )
 def test_run_py_refuses_bad_overrides(tmp_path, override, message):
     proc = run_py(override, f"hydra.run.dir={tmp_path / 'bad'}")
@@ -56,6 +57,20 @@ def test_run_py_refuses_bad_overrides(tmp_path, override, message):
     if (tmp_path / "bad" / "results.json").exists():  # the job started: failure recorded
         failed = json.loads((tmp_path / "bad" / "results.json").read_text())
         assert failed["status"] == "failed" and message in failed["error"]
+
+
+def test_run_py_tells_the_new_spelling_of_a_deprecated_choice(tmp_path):
+    """Old scripts keep working (the alias composes the new choice) and are told the new name.
+    A bad recipe makes the run stop right after the notice, before any data is loaded."""
+    proc = run_py("adv=fgsm", "lip=l1", "attacks=[l2_pgd,deepfool]", "recipe.epochs=0",
+                  f"hydra.run.dir={tmp_path / 'old'}")
+    printed = proc.stdout + proc.stderr  # Hydra's job logging prints to stdout
+    assert "adv=fgsm is deprecated: use adv=j1" in printed
+    assert "lip=l1 is deprecated: use lip=lip1" in printed
+    assert "attacks=deepfool is deprecated: use attacks=l2_deepfool" in printed
+    failed = json.loads((tmp_path / "old" / "results.json").read_text())
+    assert failed["config"]["adv"]["_target_"].endswith("signed_gradient_step")
+    assert "recipe.epochs must be >= 1" in failed["error"] and proc.returncode != 0
 
 
 def test_default_run_reaches_five_percent_error(make_cfg):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lipexp.attacks.threat import THREATS, Norm, ThreatModel
-from lipexp.utils import eval_mode
+from lipexp.model_state import eval_mode
 
 
 def to_norm(norm: Norm | str) -> Norm:

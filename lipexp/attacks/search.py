@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lipexp.attacks.pgd import to_norm
 from lipexp.attacks.threat import THREATS, Norm
-from lipexp.utils import eval_mode
+from lipexp.model_state import eval_mode
 
 Attack = Callable[[nn.Module, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 

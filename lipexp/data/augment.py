@@ -14,7 +14,7 @@ def augment(x: Tensor, crop_padding: int, flip: bool, cutout: int) -> Tensor:
     - cutout (DeVries & Taylor 2017): zero one square of side `cutout` px whose centre is
       uniform over the image, clipped at the borders; 0 = off.
 
-    Recipe (METHOD.md, "Training recipe"): CIFAR-10 crop_padding=4, flip, cutout=16;
+    Recipe (docs/method.md, "Training recipe"): CIFAR-10 crop_padding=4, flip, cutout=16;
     CIFAR-100 crop_padding=4, flip, cutout=8.
 
     torchvision's transforms draw one set of random parameters per call (the same crop

@@ -41,22 +41,7 @@ class ImageDataModule(pl.LightningDataModule):
         cutout: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in [
-            ("num_classes", num_classes),
-            ("in_channels", in_channels),
-            ("image_size", image_size),
-            ("batch_size", batch_size),
-            ("eval_batch_size", eval_batch_size),
-        ]:
-            if value < 1:
-                raise ValueError(f"{name} must be positive, got {value}")
-        for name, value in [
-            ("num_workers", num_workers),
-            ("crop_padding", crop_padding),
-            ("cutout", cutout),
-        ]:
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        # Range checks of these settings: the config schema (lipexp.config.DataConfig).
         self.source = source
         self.num_classes = num_classes
         self.in_channels = in_channels

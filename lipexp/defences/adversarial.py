@@ -1,8 +1,10 @@
-"""One-step adversarial training perturbations (METHOD.md: J0, J1, J2).
+"""One-step adversarial training perturbations (docs/method.md, "Training objective").
 
-Each is a plain function ``(model, x, y) -> x_adv`` once Hydra has bound its size
-(``_partial_``). The perturbation uses the gradient of the per-example loss at the clean
-image, with the model in eval mode and no random start; the parameters get no gradient.
+The study's J0, J1 and J2: each is a plain function ``(model, x, y) -> x_adv`` once Hydra
+has bound its size (``_partial_``). The perturbation uses the gradient of the per-example
+loss at the clean image, with the model in eval mode and no random start; the parameters
+get no gradient. (Not to be confused with the evaluation's l-infinity FGSM attack,
+``attacks=linf_fgsm``: J1 is a signed step scaled to an l2 size.)
 """
 
 import math
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipexp.utils import eval_mode
+from lipexp.model_state import eval_mode
 
 
 def input_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -37,7 +39,9 @@ def no_perturbation(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return x
 
 
-def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, clip: bool = True) -> Tensor:
+def signed_gradient_step(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, clip: bool = True
+) -> Tensor:
     """J1: ``x + eps * sign(g) / sqrt(n)``, the signed gradient scaled to l2 size ``eps``.
 
     ``n`` is the input dimension (C*H*W); where ``g`` has zeros the size is below eps.
@@ -47,12 +51,14 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, clip: bool = True) 
     return _apply(x, a, clip)
 
 
-def l2_step(model: nn.Module, x: Tensor, y: Tensor, eps: float, clip: bool = True) -> Tensor:
+def l2_gradient_step(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, clip: bool = True
+) -> Tensor:
     """J2: ``x + eps * g / ||g||_2``, one step of l2 gradient ascent of size ``eps``.
 
     An example with ``g = 0`` is left unperturbed.
     """
     g = input_gradient(model, x, y)
-    norm = g.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))  # (B, 1, 1, 1)
+    norm = g.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))  # (B,) -> (B, 1, 1, 1)
     a = eps * g / norm.clamp_min(torch.finfo(g.dtype).tiny)
     return _apply(x, a, clip)

@@ -1,12 +1,20 @@
-"""Training objectives: cross-entropy, and Lipschitz regularization of the loss (Lip1, Lip2).
+"""Training objectives: cross-entropy, and cross-entropy plus the Lipschitz penalty of the
+loss (the study's Lip1 / Lip2; docs/method.md, "Training objective").
 
-Each is a plain function ``(model, x, y) -> (loss, logs)`` once Hydra has bound its
-settings (``_partial_``); ``x`` is the (possibly perturbed) training batch and the model is
-in train mode, as in the authors' code (batch normalization uses batch statistics).
+Each objective is a plain function ``(model, x, y) -> (loss, logs)`` once Hydra has bound
+its settings (``_partial_``); ``x`` is the (possibly perturbed) training batch and the model
+is in train mode, as in the authors' code (batch normalization uses batch statistics).
+
+The penalty needs each example's input-gradient norm ``||grad_x l(x_i)||_*``. How it is
+obtained is an estimator, ``(model, x, y, dual_norm) -> GradNorms``: the estimator runs the
+forward pass itself, so that estimators which need the model and the labels again (the
+finite-difference estimate of docs/method.md evaluates the loss at a second point) fit the
+same interface as double backpropagation.
 """
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +22,38 @@ from torch import Tensor, nn
 
 from lipexp.config import Method, Scaling
 from lipexp.distributed import gather_batch
+
+
+@dataclass(frozen=True)
+class GradNorms:
+    """What an estimator returns for a batch of B examples and K classes."""
+
+    losses: Tensor  # (B,) l(x_i) = CE(f(x_i), y_i), differentiable w.r.t. the parameters
+    logits: Tensor  # (B, K) f(x_i)
+    norms: Tensor  # (B,) ||grad_x l(x_i)||_dual_norm, differentiable w.r.t. the parameters
+
+
+GradNormEstimator = Callable[[nn.Module, Tensor, Tensor, int], GradNorms]
+
+
+def exact_grad_norms(model: nn.Module, x: Tensor, y: Tensor, dual_norm: int) -> GradNorms:
+    """``||grad_x l(x_i)||_dual_norm`` for each i by double backpropagation.
+
+    The gradient of the SUM of the losses gives each example its own gradient (plus, in
+    train mode, the small coupling that batch normalization introduces between examples,
+    as in the authors' code); ``create_graph`` keeps it differentiable, so the penalty's
+    gradient w.r.t. the parameters is exact.
+    """
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    losses = F.cross_entropy(logits, y, reduction="none")  # (B,)
+    (g,) = torch.autograd.grad(losses.sum(), x, create_graph=True)
+    norms = torch.linalg.vector_norm(g.flatten(1), ord=dual_norm, dim=1)  # (B, n) -> (B,)
+    return GradNorms(losses, logits, norms)
+
+
+# lip.method -> estimator. The finite-difference estimate (lip.method=fd) is the next entry.
+ESTIMATORS: dict[Method, GradNormEstimator] = {Method.exact: exact_grad_norms}
 
 
 def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
@@ -27,29 +67,11 @@ def cross_entropy(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[
     return ce, {"loss": ce.detach(), "ce": ce.detach(), "acc": _accuracy(logits, y)}
 
 
-def exact_grad_norms(losses: Tensor, x: Tensor, norm: int) -> Tensor:
-    """``||grad_x l(x_i)||_norm`` for each i, differentiable (double backpropagation).
-
-    ``losses`` (B,) were computed from ``x`` (B, ...) which requires grad; the gradient of
-    their SUM gives each example its own gradient (plus, in train mode, the small coupling
-    that batch normalization introduces between examples, as in the authors' code).
-    """
-    (g,) = torch.autograd.grad(losses.sum(), x, create_graph=True)
-    return torch.linalg.vector_norm(g.flatten(1), ord=norm, dim=1)  # (B,)
-
-
-# Method -> estimator of the per-example gradient norms; the finite-difference estimate
-# of METHOD.md will be a second entry.
-GRAD_NORMS: dict[Method, Callable[[Tensor, Tensor, int], Tensor]] = {
-    Method.exact: exact_grad_norms,
-}
-
-
-def lipschitz_penalty(
+def penalized_cross_entropy(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    norm: int,
+    dual_norm: int,
     lam: float,
     lam_over_sqrt_n: bool = False,
     scaling: Scaling | str = Scaling.batch_mean,
@@ -57,10 +79,11 @@ def lipschitz_penalty(
     squared: bool = False,
     method: Method | str = Method.exact,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``J = mean_i l(x_i) + w * h(L)``, the study's worst-case (WCAT) penalty.
+    """``J = mean_i l(x_i) + w * h(L)``: the study's worst-case (WCAT) Lipschitz penalty.
 
-    - ``l(x) = CE(f(x), y)``; ``L = max_i ||grad_x l(x_i)||_norm`` over the WHOLE batch,
-      across all data-parallel ranks (per-example units, as logged in ``grad_norm_max``).
+    - ``l(x) = CE(f(x), y)``; ``L = max_i ||grad_x l(x_i)||_dual_norm`` over the WHOLE
+      batch, across all data-parallel ranks (per-example units, as logged in
+      ``grad_norm_max``); the norms come from the estimator of ``method``.
     - ``h(L) = L``; with a ``target`` L0 the hinge ``max(0, L - L0)``; squared if ``squared``.
     - ``w = lam``, or ``lam / sqrt(n)`` with ``lam_over_sqrt_n`` (Lip1; n = C*H*W); divided by
       the global batch size B when ``scaling=batch_mean`` (as the authors' code, whose
@@ -68,25 +91,23 @@ def lipschitz_penalty(
 
     Logs the raw per-example norms (``grad_norm_max``/``grad_norm_mean``, unscaled, global).
     """
-    x = x.detach().requires_grad_(True)
-    logits = model(x)
-    losses = F.cross_entropy(logits, y, reduction="none")  # (B,)
-    norms = gather_batch(GRAD_NORMS[Method(method)](losses, x, norm))  # (B_global,)
+    est = ESTIMATORS[Method(method)](model, x, y, dual_norm)
+    norms = gather_batch(est.norms)  # (B_global,)
     largest = norms.max()
     excess = largest if target is None else (largest - target).clamp_min(0.0)
     weight = lam / math.sqrt(x[0].numel()) if lam_over_sqrt_n else lam
     if Scaling(scaling) is Scaling.batch_mean:
         weight = weight / norms.numel()
     penalty = weight * (excess.square() if squared else excess)
-    ce = losses.mean()
+    ce = est.losses.mean()
     loss = ce + penalty
     logs = {
         "loss": loss.detach(),
         "ce": ce.detach(),
         "penalty": penalty.detach(),
-        "grad_norm_max": norms.max().detach(),
+        "grad_norm_max": largest.detach(),
         "grad_norm_mean": norms.mean().detach(),
-        "acc": _accuracy(logits, y),
+        "acc": _accuracy(est.logits, y),
     }
     return loss, logs
 
@@ -95,5 +116,5 @@ def needs_double_backward(objective: Callable) -> bool:
     """Whether the objective (a partial of the functions above) backpropagates through a
     gradient, which PyTorch's SyncBatchNorm does not support."""
     keywords = getattr(objective, "keywords", {})
-    return (getattr(objective, "func", None) is lipschitz_penalty
+    return (getattr(objective, "func", None) is penalized_cross_entropy
             and Method(keywords.get("method", Method.exact)) is Method.exact)

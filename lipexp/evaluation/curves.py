@@ -1,4 +1,4 @@
-"""Error curves from per-image adversarial distances (METHOD.md "Evaluation protocol").
+"""Error curves from per-image adversarial distances (docs/method.md, "Evaluation protocol").
 
 ``distances`` is 1-D (a tensor or array, one entry per image): the smallest perturbation
 norm at which the attack succeeds, 0 for an image misclassified clean, +inf for an image

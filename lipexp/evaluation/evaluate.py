@@ -1,14 +1,15 @@
-"""The study's robustness evaluation of a trained network (METHOD.md, "Evaluation protocol").
+"""The study's robustness evaluation of a trained network (docs/method.md, "Evaluation
+protocol").
 
 For each attack: per-image adversarial distances, then the error curve, the median
 distance and the error at given sizes; for the network: clean error and the stability
-statistics; and self-checks for gradient masking. ``write_outputs`` puts the numbers in
-the run folder.
+statistics; and self-checks for gradient masking (checks.py). ``write_outputs`` puts the
+numbers in the run folder.
 """
 
 import logging
 import os
-import tempfile
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +22,15 @@ from torch import Tensor, nn
 from lipexp.attacks.threat import Norm
 from lipexp.data.datamodule import to_unit
 from lipexp.distributed import gather_objects, rank, world_size
-from lipexp.evaluation.attacks import PGDSearch, SquareGrid, settings
+from lipexp.evaluation.checks import run_checks
 from lipexp.evaluation.curves import error_at, summarize
+from lipexp.evaluation.distance_attacks import DistanceAttack
 from lipexp.evaluation.plots import plot_error_curves, write_curves_csv
 from lipexp.evaluation.stability import reduce_statistics, stability_statistics
-from lipexp.utils import eval_mode
+from lipexp.files import save_npz_atomic
+from lipexp.model_state import eval_mode
 
 log = logging.getLogger(__name__)
-VANISHING = 1e-12  # an input gradient below this l2 norm counts as vanished
 
 
 @dataclass
@@ -42,9 +44,9 @@ def evaluate(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    attacks: dict[str, Any],
+    attacks: Mapping[str, DistanceAttack],
     *,
-    error_at_sizes: dict[Norm, list[float]],
+    error_at_sizes: Mapping[Norm, Sequence[float]],
     indices: Tensor | None = None,
     batch_size: int = 500,
     grid_points: int = 100,
@@ -86,16 +88,16 @@ def evaluate(
         else:
             entry |= {"eps": attack.fixed_size, "n_images": len(x),
                       "error_at": error_at(d[name], [attack.fixed_size])}
-        entry["settings"] = settings(attack)
+        entry["settings"] = attack.settings()
         results["attacks"][name] = entry
-    results["checks"] = gradient_masking_checks(attacks, d, per_example, clean_wrong)
+    results["checks"] = run_checks(attacks, d, per_example, clean_wrong)
     for warning in results["checks"]["warnings"]:
         log.warning("gradient masking check: %s", warning)
     return Evaluation(results, d, indices.cpu().numpy())
 
 
-def _attack_batch(model: nn.Module, x: Tensor, y: Tensor, attacks: dict[str, Any],
-                  bf16: bool) -> dict[str, Any]:
+def _attack_batch(model: nn.Module, x: Tensor, y: Tensor,
+                  attacks: Mapping[str, DistanceAttack], bf16: bool) -> dict[str, Any]:
     """Clean mistakes, stability statistics and every attack's distances of one batch (CPU)."""
     with torch.no_grad(), eval_mode(model):  # eval mode: BN running statistics, left as they are
         wrong = (model(x).argmax(1) != y).cpu()
@@ -107,48 +109,6 @@ def _attack_batch(model: nn.Module, x: Tensor, y: Tensor, attacks: dict[str, Any
     return {"wrong": wrong, "stats": stats, "distances": distances}
 
 
-def gradient_masking_checks(attacks: dict[str, Any], distances: dict[str, np.ndarray],
-                            per_example: dict[str, Tensor], clean_wrong: Tensor) -> dict:
-    """Warnings for the usual signs of gradient masking (Athalye et al. 2018):
-
-    - the input gradient of the loss vanishes on correctly classified images;
-    - a weaker attack (black-box Square, or a one-step attack) breaks more images at some
-      size than the iterative PGD of the same norm.
-    """
-    warnings = []
-    correct = ~clean_wrong
-    vanished = (per_example["grad_loss_l2"][correct] < VANISHING).double().mean().item()
-    if correct.any() and vanished > 0.01:
-        warnings.append(f"the input gradient vanishes on {100 * vanished:.1f}% of correctly "
-                        "classified images: gradient-based attacks may be masked")
-    strong = {a.norm: n for n, a in attacks.items()
-              if isinstance(a, PGDSearch) and a.steps > 1}
-    for name, attack in attacks.items():
-        weaker = isinstance(attack, SquareGrid) or (isinstance(attack, PGDSearch)
-                                                    and attack.steps == 1)
-        if not weaker or attack.norm not in strong:
-            continue
-        ref = distances[strong[attack.norm]]
-        for size in np.unique(distances[name][np.isfinite(distances[name])]):
-            if size > 0 and (distances[name] <= size).sum() > (ref <= size).sum():
-                warnings.append(f"{name} breaks more images than {strong[attack.norm]} at "
-                                f"{attack.norm.value} size {size:.4g}: the white-box attack "
-                                "is too weak or gradients are masked")
-                break
-    return {"warnings": warnings, "vanishing_gradient_fraction": vanished}
-
-
-def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_outputs(evaluation: Evaluation, out_dir: str | os.PathLike) -> dict[str, str]:
     """error_curves.csv, distances.npz (with the image indices), error_curves.png."""
     out = Path(out_dir)
@@ -157,6 +117,6 @@ def write_outputs(evaluation: Evaluation, out_dir: str | os.PathLike) -> dict[st
     files = {"curves_csv": out / "error_curves.csv", "distances": out / "distances.npz",
              "figure": out / "error_curves.png"}
     write_curves_csv(curves, files["curves_csv"])
-    _save_npz_atomic(files["distances"], {"indices": evaluation.indices, **evaluation.distances})
+    save_npz_atomic(files["distances"], {"indices": evaluation.indices, **evaluation.distances})
     plot_error_curves(curves, files["figure"])
     return {k: str(v) for k, v in files.items()}

@@ -1,21 +1,21 @@
-"""Figure and CSV of error curves, one curve per attack (METHOD.md "Evaluation protocol").
+"""Figure and CSV of error curves, one curve per attack (docs/method.md, "Evaluation
+protocol"), and the one drawing of an error curve that the run figure and the report share.
 
 ``curves`` maps an attack name to ``{"norm": "l2" | "linf", "curve": {"eps": [...],
 "error": [...]}}``, the curve being ``summarize(...)["curve"]`` of curves.py (errors are
-fractions; the figure shows %). Both files are written atomically: to a temporary file in
-the same folder, then renamed over ``path``.
+fractions; the figures show %). Files are written atomically (lipexp.files.atomic_path).
 """
 
 import csv
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas for png
+from matplotlib.lines import Line2D
 from matplotlib.transforms import blended_transform_factory
+
+from lipexp.files import atomic_path
 
 PANELS = {  # norm -> x-axis label
     "l2": "l2 perturbation size (pixels in [0, 1])",
@@ -23,41 +23,36 @@ PANELS = {  # norm -> x-axis label
 }
 
 
-@contextmanager
-def _atomic(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path`` (same suffix); rename it over ``path`` after."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def draw_error_curve(ax: Axes, curve: dict, label: str | None = None, clean_marker: bool = True,
+                     **style) -> Line2D:
+    """Draw ``C(eps)`` (%) of ``curve = {"eps": [...], "error": [...]}`` on a log size axis.
+
+    A step curve (``C`` holds its value from one grid size to the next) over the positive
+    sizes; eps = 0 cannot sit on a log axis, so ``C(0)`` (the clean error of the attacked
+    images) is appended to ``label`` as "(C(0) x%)" and, with ``clean_marker``, marked by a
+    triangle on the axes' left edge. ``style``: matplotlib line settings (color, ls, lw, ...).
+    """
+    eps = np.asarray(curve["eps"], dtype=float)
+    error = 100 * np.asarray(curve["error"], dtype=float)
+    clean = error[eps == 0]  # (1,), or (0,) if the curve has no eps = 0
+    if label is not None and clean.size:
+        label += f" (C(0) {clean[0]:.1f}%)"
+    (line,) = ax.step(eps[eps > 0], error[eps > 0], where="post", label=label, **style)
+    if clean_marker and clean.size:
+        edge = blended_transform_factory(ax.transAxes, ax.transData)  # x: axes, y: data
+        ax.plot(0, clean[0], ">", color=line.get_color(), transform=edge, clip_on=False)
+    return line
 
 
 def plot_error_curves(curves: dict[str, dict], path: str | os.PathLike, title: str | None = None):
-    """Two panels (l2, l-infinity) of error (%) against perturbation size, log size axis.
-
-    Each attack is a step curve (``C`` holds its value from one grid size to the next) over
-    its positive sizes; eps = 0 cannot sit on a log axis, so the clean error ``C(0)`` is in
-    the legend and marked by a triangle on the panel's left edge.
-    """
+    """Two panels (l2, l-infinity) of error (%) against perturbation size, log size axis, one
+    curve per attack (``draw_error_curve``)."""
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, (norm, xlabel) in zip(axes, PANELS.items()):
-        edge = blended_transform_factory(ax.transAxes, ax.transData)  # x: axes, y: data
         attacks = {name: c["curve"] for name, c in curves.items() if c["norm"] == norm}
         for name, curve in attacks.items():
-            eps = np.asarray(curve["eps"], dtype=float)
-            error = 100 * np.asarray(curve["error"], dtype=float)
-            clean = error[eps == 0]  # (1,) or (0,) if the curve has no eps = 0
-            label = f"{name} (clean {clean[0]:.1f}%)" if clean.size else name
-            (line,) = ax.step(eps[eps > 0], error[eps > 0], where="post", label=label)
-            if clean.size:
-                ax.plot(0, clean[0], ">", color=line.get_color(), transform=edge, clip_on=False)
+            draw_error_curve(ax, curve, name)
         if attacks:
             ax.set_xscale("log")
             ax.legend(fontsize="small", loc="upper left")
@@ -70,13 +65,13 @@ def plot_error_curves(curves: dict[str, dict], path: str | os.PathLike, title: s
         ax.grid(True, which="both", alpha=0.3)
     if title:
         fig.suptitle(title)
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
 
 
 def write_curves_csv(curves: dict[str, dict], path: str | os.PathLike) -> None:
     """Rows ``attack,norm,eps,error`` (error as a fraction), one per attack and size."""
-    with _atomic(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["attack", "norm", "eps", "error"])
         for name, c in curves.items():

@@ -1,4 +1,4 @@
-"""Stability statistics of a model at each example (METHOD.md "Evaluation protocol").
+"""Stability statistics of a model at each example (docs/method.md, "Evaluation protocol").
 
 Notation: ``f(x)`` (K,) are the model's logits at an image ``x`` (n = C*H*W inputs),
 ``J = d f / d x`` (K, n) their Jacobian, ``l(x) = CE(f(x), y)`` the loss and
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipexp.utils import eval_mode
+from lipexp.model_state import eval_mode
 
 STATISTICS = ("grad_loss_l2", "grad_loss_l1", "jac_2_inf", "jac_1_1")
 

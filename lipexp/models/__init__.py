@@ -1,4 +1,4 @@
-"""Classifiers of the study (METHOD.md, "Models") and the tanh logit layer.
+"""Classifiers of the study (docs/method.md, "Models") and the tanh logit layer.
 
 Modules: ``small_cnn`` (digits / MNIST), ``allcnn`` (AllCNN-C), ``resnet`` (the CIFAR
 ResNet-34 and ResNeXt-34), ``torchvision_resnet`` (the wider ImageNet-style ResNet-18/34,

@@ -1,6 +1,9 @@
-"""AllCNN-C (Springenberg et al. 2014) as the study's authors built it (METHOD.md)."""
+"""AllCNN-C (Springenberg et al. 2014) as the study's authors built it (docs/method.md,
+"Models")."""
 
 from torch import Tensor, nn
+
+from lipexp.models.layers import conv_bn_relu
 
 
 class AllCNN(nn.Module):
@@ -21,23 +24,14 @@ class AllCNN(nn.Module):
         layers: list[nn.Module] = []
         c_in = in_channels
         for c_out, stride in spec:
-            layers += [
-                # no bias: the batch norm that follows would subtract it again
-                nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-                nn.BatchNorm2d(c_out, affine=False),
-                nn.ReLU(),
-            ]
+            layers += conv_bn_relu(c_in, c_out, 3, stride=stride, affine=False)
             c_in = c_out
-        # The 1x1 class convolution. METHOD.md (and the authors' code, after Chaudhari's
+        # The 1x1 class convolution. docs/method.md (and the authors' code, after Chaudhari's
         # AllCNN) follow it with BN without affine parameters and ReLU too, which makes the
         # logits non-negative and batch-normalised; `class_bn_relu=False` keeps plain
         # logits (a biased 1x1 convolution and pooling only) for comparison.
         if class_bn_relu:
-            layers += [
-                nn.Conv2d(c_in, num_classes, 1, bias=False),
-                nn.BatchNorm2d(num_classes, affine=False),
-                nn.ReLU(),
-            ]
+            layers += conv_bn_relu(c_in, num_classes, 1, affine=False)
         else:
             layers.append(nn.Conv2d(c_in, num_classes, 1))
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]  # (B, classes, 1, 1) -> (B, classes)

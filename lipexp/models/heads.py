@@ -1,4 +1,4 @@
-"""The tanh logit layer of the study (METHOD.md, "The tanh logit layer")."""
+"""The tanh logit layer of the study (docs/method.md, "The tanh logit layer")."""
 
 import torch
 from torch import Tensor, nn

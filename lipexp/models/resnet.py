@@ -1,17 +1,10 @@
-"""The study's CIFAR ResNet-34 and ResNeXt-34 (METHOD.md, "Models"), one class for both."""
+"""The study's CIFAR ResNet-34 and ResNeXt-34 (docs/method.md, "Models"), one class for both."""
 
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-
-def _conv_bn_relu(c_in: int, c_out: int, kernel_size: int) -> nn.Sequential:
-    """Convolution (no bias: the batch norm that follows removes it), BN, ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(),
-    )
+from lipexp.models.layers import conv_bn_relu
 
 
 class BranchBlock(nn.Module):
@@ -73,11 +66,11 @@ class ResNet(nn.Module):
                 f"got widths={widths}, blocks_per_stage={blocks_per_stage}, "
                 f"cardinality={cardinality}"
             )
-        layers: list[nn.Module] = [_conv_bn_relu(in_channels, widths[0], 3)]
+        layers: list[nn.Module] = [nn.Sequential(*conv_bn_relu(in_channels, widths[0], 3))]
         c_in = widths[0]
         for stage, c in enumerate(widths):
             if c != c_in:
-                layers.append(_conv_bn_relu(c_in, c, 1))  # maps to the stage's width
+                layers.append(nn.Sequential(*conv_bn_relu(c_in, c, 1)))  # maps to the stage's width
             layers.append(BranchBlock(c, cardinality))
             if stage > 0:
                 layers.append(nn.AvgPool2d(2))  # downsampling: H, W halved (rounded down)

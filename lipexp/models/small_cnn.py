@@ -2,14 +2,7 @@
 
 from torch import Tensor, nn
 
-
-def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    """3x3 convolution (no bias: the batch norm that follows removes it), BN, ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(),
-    )
+from lipexp.models.layers import conv_bn_relu
 
 
 class SmallCNN(nn.Module):
@@ -22,9 +15,9 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes: int, in_channels: int, width: int = 32) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _conv_bn_relu(in_channels, width),
-            _conv_bn_relu(width, 2 * width, stride=2),  # H, W halved (rounded up)
-            _conv_bn_relu(2 * width, 2 * width),
+            nn.Sequential(*conv_bn_relu(in_channels, width)),
+            nn.Sequential(*conv_bn_relu(width, 2 * width, stride=2)),  # H, W halved (rounded up)
+            nn.Sequential(*conv_bn_relu(2 * width, 2 * width)),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),  # (B, 2w, 1, 1) -> (B, 2w)
         )

@@ -1,4 +1,5 @@
-"""The extra of METHOD.md: torchvision's wider ImageNet-style ResNet-18/34 for small images."""
+"""The extra of docs/method.md, "Models": torchvision's wider ImageNet-style ResNet-18/34
+for small images."""
 
 from torch import nn
 from torchvision.models import resnet18, resnet34

@@ -1,0 +1,53 @@
+"""The objects of a run, each built from its config group: the LightningModule, the data
+module, the evaluation and the Trainer. Building reads no data."""
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from lipexp.config import as_plain_dict
+from lipexp.data.datamodule import ImageDataModule
+from lipexp.defences.lipschitz import needs_double_backward
+from lipexp.evaluation.runner import Evaluator
+from lipexp.module import RobustClassifier
+from lipexp.provenance import provenance
+
+
+def build_module(cfg: DictConfig) -> RobustClassifier:
+    """The LightningModule of a run config (training, or a checkpoint's own config)."""
+    return RobustClassifier(
+        model=instantiate(cfg.model),
+        head=instantiate(cfg.head),
+        perturb=instantiate(cfg.adv),
+        objective=instantiate(cfg.lip),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler),
+        config=as_plain_dict(cfg),
+        provenance=provenance(),
+    )
+
+
+def build_datamodule(cfg: DictConfig) -> ImageDataModule:
+    return instantiate(cfg.data)
+
+
+def build_evaluator(cfg: DictConfig) -> Evaluator:
+    """The robustness evaluation of ``cfg.eval`` with the attacks of ``cfg.attacks``."""
+    # Hydra instantiates the attacks recursively; "partial" hands them over as a plain dict
+    return instantiate(cfg.eval, attacks=cfg.attacks, _convert_="partial")
+
+
+def build_trainer(cfg: DictConfig, module: RobustClassifier,
+                  callbacks: list[pl.Callback]) -> pl.Trainer:
+    """The Trainer of ``cfg.trainer`` with the checkpoint callbacks of ``cfg.callbacks``, the
+    given ``callbacks`` and the logger of ``cfg.logger``; refuses settings that cannot train
+    ``module``."""
+    if cfg.trainer.get("sync_batchnorm") and needs_double_backward(module.objective):
+        raise ValueError(
+            "trainer.sync_batchnorm=true cannot be combined with the exact Lipschitz penalty "
+            "(lip.method=exact): PyTorch has no double backward through SyncBatchNorm. Keep "
+            "batch normalization per rank (trainer.sync_batchnorm=false) or use lip=none."
+        )
+    checkpoints = [instantiate(c) for c in cfg.callbacks.values()]
+    logger = instantiate(cfg.logger) if cfg.logger else False
+    return instantiate(cfg.trainer, callbacks=[*checkpoints, *callbacks], logger=logger)

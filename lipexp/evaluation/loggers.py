@@ -1,0 +1,35 @@
+"""An evaluation's numbers to any Lightning logger (and, on W&B, its curves and figure)."""
+
+from typing import Any
+
+from pytorch_lightning.loggers import Logger, WandbLogger
+
+
+def metrics(results: dict[str, Any]) -> dict[str, float]:
+    """Flat ``test/...`` summary numbers of an evaluation's results: ``test/clean_error``,
+    ``test/<attack>_median``, ``test/<attack>_error@<size key>``, ``test/<statistic>_max``
+    and ``_mean`` (errors as fractions, distances in the attack's norm)."""
+    out = {"test/clean_error": results["clean_error"]}
+    for name, a in results["attacks"].items():
+        if "median" in a:
+            out[f"test/{name}_median"] = a["median"]
+        out |= {f"test/{name}_error@{size}": err for size, err in a["error_at"].items()}
+    for stat, values in results["stability"].items():
+        if isinstance(values, dict):  # not the "scale" note
+            out |= {f"test/{stat}_{k}": v for k, v in values.items()}
+    return out
+
+
+def log_evaluation(logger: Logger, results: dict[str, Any]) -> None:
+    """Summary numbers to any logger; on W&B also the curves as a table, the figure
+    (``results["files"]["figure"]``, written first) and the numbers in the run summary."""
+    numbers = metrics(results)
+    logger.log_metrics(numbers)
+    if isinstance(logger, WandbLogger):  # W&B's richer types have no generic Lightning API
+        rows = [[name, a["norm"], eps, err] for name, a in results["attacks"].items()
+                if "curve" in a for eps, err in zip(a["curve"]["eps"], a["curve"]["error"])]
+        logger.log_table("test/error_curves", columns=["attack", "norm", "eps", "error"],
+                         data=rows)
+        logger.log_image("test/error_curves_plot", images=[results["files"]["figure"]])
+        for key, value in numbers.items():
+            logger.experiment.summary[key] = value

@@ -1,0 +1,57 @@
+"""The robustness evaluation as one callable: test images in, run-folder files and results
+out (docs/method.md, "Evaluation protocol"). Hydra builds it from conf/eval/default.yaml
+and conf/attacks/; the training callback (callback.py) and ``mode=eval`` both call it."""
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pytorch_lightning.loggers import Logger
+from torch import nn
+
+from lipexp.attacks.threat import Norm
+from lipexp.evaluation.distance_attacks import DistanceAttack
+from lipexp.evaluation.evaluate import evaluate, write_outputs
+from lipexp.evaluation.loggers import log_evaluation
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator:
+    """Evaluate a network on the first ``n_images`` test images (None: all) with every attack.
+
+    ``batch_size`` images are attacked at once; ``error_at_l2`` / ``error_at_linf`` are the
+    sizes (pixels in [0, 1]) whose error results.json reports for each attack of that norm;
+    ``grid_points`` the sizes of each error curve; ``bf16`` attacks under bfloat16 autocast.
+    The settings' ranges are checked by the config schema (lipexp.config.EvalConfig).
+    """
+
+    def __init__(self, attacks: Mapping[str, DistanceAttack], n_images: int | None = None,
+                 batch_size: int = 500,
+                 error_at_l2: Sequence[float] = (0.0, 0.1, 0.5, 1.5),
+                 error_at_linf: Sequence[float] = (2 / 255, 8 / 255),
+                 grid_points: int = 100, bf16: bool = False) -> None:
+        self.attacks = dict(attacks)
+        self.n_images, self.batch_size, self.grid_points, self.bf16 = (
+            n_images, batch_size, grid_points, bf16)
+        self.error_at = {Norm.l2: tuple(error_at_l2), Norm.linf: tuple(error_at_linf)}
+
+    def __call__(self, net: nn.Module, datamodule: Any, output_dir: str | os.PathLike,
+                 logger: Logger | None = None) -> dict[str, Any] | None:
+        """Evaluate ``net`` (on its device) on ``datamodule.test_set()``; write
+        error_curves.csv/png and distances.npz into ``output_dir`` and log the numbers to
+        ``logger``. Returns the results (results.json's evaluation entries, with ``files``)
+        on rank 0; the other data-parallel ranks attack their share and return None."""
+        x, y = datamodule.test_set()
+        n = len(x) if self.n_images is None else min(self.n_images, len(x))
+        log.info("robustness evaluation: %d images, attacks %s", n, list(self.attacks))
+        evaluation = evaluate(net, x[:n], y[:n], self.attacks, error_at_sizes=self.error_at,
+                              batch_size=self.batch_size, grid_points=self.grid_points,
+                              bf16=self.bf16)
+        if evaluation is None:  # not rank 0
+            return None
+        evaluation.results["files"] = write_outputs(evaluation, output_dir)
+        if logger is not None:
+            log_evaluation(logger, evaluation.results)
+        return evaluation.results

@@ -1,0 +1,44 @@
+"""``mode=eval``: the robustness evaluation of a checkpoint, again, with its own config."""
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lipexp.build import build_datamodule, build_evaluator, build_module
+from lipexp.checkpoint import load_run_checkpoint
+from lipexp.config import as_plain_dict, validate
+from lipexp.provenance import provenance
+from lipexp.runfolder import RunFolder
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path`` with the checkpoint's own config; only ``eval``, ``attacks``
+    and the output folder come from this command (and the data folder, when the one the run
+    was trained with does not exist here). The numbers equal the run's own evaluation."""
+    validate(cfg)
+    if not cfg.ckpt_path:
+        raise FileNotFoundError("mode=eval needs ckpt_path=PATH of a checkpoint")
+    checkpoint = load_run_checkpoint(cfg.ckpt_path)
+    run_cfg = OmegaConf.create(checkpoint.config)
+    run_cfg.eval, run_cfg.attacks = cfg.eval, cfg.attacks
+    run_cfg.paths.output_dir = cfg.paths.output_dir
+    if not Path(run_cfg.data.data_dir).exists():  # trained elsewhere: this command's folder
+        run_cfg.data.data_dir = cfg.data.data_dir
+    folder = RunFolder(cfg.paths.output_dir)
+    entries = {"mode": "eval", "checkpoint": str(checkpoint.path), "epoch": checkpoint.epoch,
+               "global_step": checkpoint.global_step, "config": as_plain_dict(run_cfg),
+               "output_dir": str(folder.path.resolve()), "provenance": provenance(),
+               "training_provenance": checkpoint.provenance}
+    with folder.record(entries) as results:
+        pl.seed_everything(run_cfg.seed, workers=True)
+        module = build_module(run_cfg)
+        module.load_state_dict(checkpoint.state_dict)
+        module.to("cuda" if torch.cuda.is_available() else "cpu")
+        data = build_datamodule(run_cfg)
+        data.setup("test")
+        results |= build_evaluator(run_cfg)(module.net, data, str(folder.path)) or {}
+    print(f"Run folder: {folder.path.resolve()}")
+    return results

@@ -1,0 +1,55 @@
+"""OmegaConf resolvers used by conf/: run folder names and W&B run names and tags.
+
+``${run_dirname:...}`` (conf/hydra/default.yaml), ``${wandb_name:...}`` and
+``${wandb_tags:...}`` (conf/logger/wandb.yaml). The names themselves come from
+``lipexp.naming``, which also names runs in reports.
+"""
+
+import hashlib
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+def run_dirname(override_dirname: str, max_len: int = 120) -> str:
+    """Folder name of a run: its command-line overrides (``default`` when there are none).
+
+    Names longer than ``max_len`` (file systems stop at 255 bytes) keep their start and end
+    a hash of the whole, so the same command still finds the same folder; the full list
+    is in the run's .hydra/overrides.yaml.
+    """
+    name = override_dirname.replace("/", "_") or "default"
+    if len(name) <= max_len:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    return f"{name[:max_len - 13]}~{digest}"
+
+
+def _plain(**sections: Any) -> dict:
+    """Config nodes as the plain dicts that ``lipexp.naming`` reads."""
+    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in sections.items()}
+
+
+def wandb_name(adv: Any, lip: Any, head: Any, model: Any, seed: int) -> str:
+    """The W&B run name, ``J2-Lip2 & tanh / resnext34 / seed 0``."""
+    from lipexp.naming import run_label
+
+    return run_label(_plain(adv=adv, lip=lip, head=head, model=model, seed=seed))
+
+
+def wandb_tags(adv: Any, lip: Any, head: Any) -> list[str]:
+    """The defence's terms as W&B tags: ``["J2", "Lip2", "tanh"]``."""
+    from lipexp.naming import defence_name
+
+    return defence_name(_plain(adv=adv, lip=lip, head=head)).replace(" & ", "-").split("-")
+
+
+RESOLVERS = {"run_dirname": run_dirname, "wandb_name": wandb_name, "wandb_tags": wandb_tags}
+
+
+def register_resolvers() -> None:
+    """Register the resolvers above with OmegaConf (idempotent)."""
+    for name, resolver in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
