@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    create .venv if absent, install lipexp into it, train the default run
 #   make test   the same set-up, then the test suite
-# Extra arguments for run.py: make run ARGS="adv=fgsm lip=l1 trainer.max_epochs=5"
+# Extra arguments for run.py: make run ARGS="adv=j1 lip=lip1 recipe.epochs=5"
 
 PYTHON ?= python3
 VENV := .venv
@@ -26,6 +26,8 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow $(ARGS)
 
+# ruff check only: the code keeps hand-aligned continuation lines, which `ruff format`
+# would rewrite, so formatting is not enforced.
 lint: install
 	$(VENV)/bin/ruff check .
 

@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from lipexp.deprecations import RENAMED_KEYS
 from lipexp.errors import require
 
 
@@ -110,13 +111,7 @@ class DataConfig:
     flip: bool = False  # random horizontal flip
     cutout: int = 0  # side of the cutout square in pixels, 0 = off
 
-    def __post_init__(self) -> None:
-        for name in ("num_classes", "in_channels", "image_size", "batch_size", "eval_batch_size"):
-            value = getattr(self, name)
-            require(value > 0, f"data.{name} must be > 0, got {value}")
-        for name in ("num_workers", "crop_padding", "cutout"):
-            value = getattr(self, name)
-            require(value >= 0, f"data.{name} must be >= 0, got {value}")
+    # range checks: ImageDataModule's constructor (built right after validate, before data)
 
 
 @dataclass
@@ -202,11 +197,6 @@ def register() -> None:
     cs.store(group="schema/data", name="image", node=DataConfig)
     cs.store(group="schema/eval", name="default", node=EvalConfig)
     cs.store(group="schema/recipe", name="recipe", node=RecipeConfig)
-
-
-# Keys renamed since earlier versions: a command line that still uses the old key is told the
-# new one (a renamed key cannot keep working silently: both would be accepted and disagree).
-RENAMED_KEYS = {"lip.norm": "lip.dual_norm"}
 
 
 def _join(path: str, key: str) -> str:

@@ -21,6 +21,9 @@ RENAMED_CHOICES: dict[str, dict[str, str]] = {
                 "cw": "l2_cw", "square_linf": "linf_square", "autoattack": "linf_autoattack"},
 }
 
+# keys renamed in lipexp 0.2: old dotted key -> new one
+RENAMED_KEYS = {"lip.norm": "lip.dual_norm"}
+
 # functions and classes renamed in lipexp 0.2: old ``_target_`` -> new ``_target_``
 RENAMED_TARGETS = {
     "lipexp.defences.adversarial.fgsm": "lipexp.defences.adversarial.signed_gradient_step",
@@ -28,9 +31,30 @@ RENAMED_TARGETS = {
     "lipexp.defences.lipschitz.lipschitz_penalty":
         "lipexp.defences.lipschitz.penalized_cross_entropy",
     "lipexp.evaluation.callback.RobustnessEvaluation": "lipexp.evaluation.runner.Evaluator",
+    **{f"lipexp.evaluation.attacks.{name}": f"lipexp.evaluation.distance_attacks.{name}"
+       for name in ("PGDSearch", "DeepFool", "CarliniWagner", "SquareGrid", "AutoAttack")},
 }
 CONSTANT_LR = {"_target_": "torch.optim.lr_scheduler.ConstantLR", "_partial_": True,
                "factor": 1.0, "total_iters": 0}  # conf/scheduler/none.yaml
+
+
+def rename_keys(args: list[str]) -> tuple[list[str], list[str]]:
+    """Command-line overrides with renamed keys spelled the new way (``lip.norm=1`` ->
+    ``lip.dual_norm=1``, also with ``+``: the new key always exists), and a notice for each.
+    run.py applies it before Hydra parses; the run folder is named by the new spelling."""
+    out, said = [], []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        bare = key.lstrip("+~")
+        if sep and bare in RENAMED_KEYS and not key.startswith("~"):
+            new = RENAMED_KEYS[bare]
+            prefix = "++" if key.startswith("++") else ""  # "+" would add an existing key
+            out.append(f"{prefix}{new}={value}")
+            said.append(f"{bare} is deprecated: use {new} (this run uses {new}={value}); the "
+                        "old name will be removed in a later version")
+        else:
+            out.append(arg)
+    return out, said
 
 
 def chosen_options(choices: Mapping[str, Any], overrides: list[str]) -> dict[str, list]:
@@ -60,12 +84,24 @@ def notices(chosen: Mapping[str, list]) -> list[str]:
     return out
 
 
+def attack_name(name: str) -> str:
+    """Today's name of an evaluation attack (``fgsm`` -> ``linf_fgsm``; others unchanged)."""
+    return RENAMED_CHOICES["attacks"].get(name, name)
+
+
+def _sections(config: dict) -> list[dict]:
+    """The config's group nodes, the attacks' nodes included."""
+    attacks = config.get("attacks") if isinstance(config.get("attacks"), dict) else {}
+    return [s for s in [*config.values(), *attacks.values()] if isinstance(s, dict)]
+
+
 def upgrade_run_config(config: dict) -> dict:
-    """A copy of a run config written by an earlier lipexp (a checkpoint's
-    ``lipexp_config``), with today's targets and keys, so that it builds the same network."""
+    """A copy of a resolved run config written by an earlier lipexp (a checkpoint's
+    ``lipexp_config``, a results.json's ``config``) with today's targets, keys and attack
+    names, so that it builds the same network and compares equal to today's configs."""
     config = copy.deepcopy(config)
-    for section in config.values():
-        if isinstance(section, dict) and section.get("_target_") in RENAMED_TARGETS:
+    for section in _sections(config):
+        if section.get("_target_") in RENAMED_TARGETS:
             section["_target_"] = RENAMED_TARGETS[section["_target_"]]
     lip = config.get("lip")
     if isinstance(lip, dict) and "norm" in lip:  # lip.norm was renamed lip.dual_norm
@@ -73,4 +109,17 @@ def upgrade_run_config(config: dict) -> dict:
     scheduler = config.get("scheduler")
     if isinstance(scheduler, dict) and "_target_" not in scheduler:  # old scheduler=none
         config["scheduler"] = dict(CONSTANT_LR)
+    if isinstance(config.get("attacks"), dict):
+        config["attacks"] = {attack_name(k): v for k, v in config["attacks"].items()}
     return config
+
+
+def upgrade_results(results: dict) -> dict:
+    """A results.json of any lipexp version with today's config (``upgrade_run_config``)
+    and attack names, so that reports group and label old and new runs alike."""
+    results = dict(results)
+    if isinstance(results.get("config"), dict):
+        results["config"] = upgrade_run_config(results["config"])
+    if isinstance(results.get("attacks"), dict):
+        results["attacks"] = {attack_name(k): v for k, v in results["attacks"].items()}
+    return results

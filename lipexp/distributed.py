@@ -1,13 +1,9 @@
 """Data-parallel helpers: the penalty's max must span the WHOLE minibatch across ranks
-(``gather_batch``), the evaluation splits its batches over ranks (``gather_objects``), and a
-DDP job launched from a Hydra multirun runs each job once, in its own folder (``job_scope``).
+(``gather_batch``), and the evaluation splits its batches over ranks (``gather_objects``).
+Launching DDP jobs from Hydra (torch-free, for run.py): ``lipexp.ddp_launch``.
 """
 
-import json
-import os
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -49,46 +45,3 @@ def gather_batch(t: Tensor) -> Tensor:
         warnings.simplefilter("ignore", FutureWarning)
         return torch.cat(all_gather(t), dim=0)  # (world * B, ...)
 
-
-# ---------------------------------------------------------------- launching DDP jobs
-
-DDP_ARGV = "LIPEXP_DDP_ARGV"  # this job's overrides, read by run.py in DDP child processes
-DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
-
-
-def child_argv() -> list[str] | None:
-    """In a DDP child process (rank >= 1) started by Lightning: the parent job's own
-    command line (see ``job_scope``); None in any other process."""
-    if os.environ.get(DDP_ARGV) and os.environ.get("LOCAL_RANK", "0") != "0":
-        return json.loads(os.environ[DDP_ARGV])
-    return None
-
-
-@contextmanager
-def job_scope(output_dir: str | os.PathLike) -> Iterator[None]:
-    """One training job, DDP-safe inside a Hydra multirun.
-
-    On entry: Lightning's DDP launcher starts ranks 1..N-1 by re-running ``sys.argv``, which
-    under ``-m`` would run the whole sweep again, in the wrong folders; record this job's own
-    overrides and folder, which run.py gives to the children instead (``child_argv``).
-    On exit: undo what Lightning's DDP launch leaves behind, so that the next job of a sweep
-    (in this process, with new ranks) starts its own: the process group, and the
-    environment variables that would make it believe its ranks were already launched.
-    """
-    env_before = {k: os.environ[k] for k in DDP_ENV if k in os.environ}
-    from hydra.core.hydra_config import HydraConfig  # imported here: only run() needs Hydra
-
-    if HydraConfig.initialized():
-        overrides = list(HydraConfig.get().overrides.task)
-        os.environ[DDP_ARGV] = json.dumps(
-            [*overrides, f'hydra.run.dir="{output_dir}"', "hydra.output_subdir=null"])
-    try:
-        yield
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        for key in DDP_ENV:
-            if key in env_before:
-                os.environ[key] = env_before[key]
-            else:
-                os.environ.pop(key, None)

@@ -30,15 +30,19 @@ import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global state
 from matplotlib.ticker import NullFormatter
 
+from lipexp.deprecations import upgrade_results
 from lipexp.evaluation.curves import size_key
 from lipexp.evaluation.plots import draw_error_curve
 from lipexp.files import atomic_path
 from lipexp.naming import data_name, defence_name, defence_sort_key, model_name, run_label
 
 L2_ATTACK, LINF_ATTACK = "l2_pgd", "linf_pgd"  # the attacks of the tables (results.json names)
-# config keys whose differences between the seeds of one defence are expected (not flagged)
+# config keys whose differences between the seeds of one defence are expected (not flagged);
+# "recipe.": the values that ran are compared where they are used (trainer.max_epochs,
+# optimizer.lr, scheduler.milestones, ...), which a command line may override directly
 EXPECTED_DIFFERENCES = ("seed", "resume", "name", "mode", "ckpt_path", "paths.", "logger.",
-                        "callbacks.", "trainer.enable_progress_bar", "trainer.default_root_dir")
+                        "callbacks.", "trainer.enable_progress_bar", "trainer.default_root_dir",
+                        "recipe.")
 
 
 @dataclass
@@ -192,6 +196,7 @@ def find_runs(folder: Path) -> list[Run]:
         except (OSError, ValueError) as e:
             runs.append(Run(path.parent, "unreadable", message=f"unreadable results.json: {e}"))
             continue
+        results = upgrade_results(results)  # runs of earlier lipexp versions named as today
         status = str(results.get("status", "no status"))
         if status == "completed" and not isinstance(results.get("config"), dict):
             status, results["error"] = "unreadable", "completed, but results.json has no config"

@@ -5,10 +5,13 @@
 ``lipexp.naming``, which also names runs in reports.
 """
 
+import functools
 import hashlib
+import warnings
+from collections.abc import Callable
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 
 def run_dirname(override_dirname: str, max_len: int = 120) -> str:
@@ -38,14 +41,31 @@ def wandb_name(adv: Any, lip: Any, head: Any, model: Any, seed: int) -> str:
     return run_label(_plain(adv=adv, lip=lip, head=head, model=model, seed=seed))
 
 
-def wandb_tags(adv: Any, lip: Any, head: Any) -> list[str]:
-    """The defence's terms as W&B tags: ``["J2", "Lip2", "tanh"]``."""
+def wandb_tags(adv: Any, lip: Any, head: Any) -> ListConfig:
+    """The defence's terms as W&B tags: ``["J2", "Lip2", "tanh"]`` (a ListConfig: a resolver
+    that returns a plain list cannot be resolved in place, ``--cfg job --resolve``)."""
     from lipexp.naming import defence_name
 
-    return defence_name(_plain(adv=adv, lip=lip, head=head)).replace(" & ", "-").split("-")
+    name = defence_name(_plain(adv=adv, lip=lip, head=head))
+    return OmegaConf.create(name.replace(" & ", "-").split("-"))
 
 
-RESOLVERS = {"run_dirname": run_dirname, "wandb_name": wandb_name, "wandb_tags": wandb_tags}
+def _deprecated(old: str, resolver: Callable) -> Callable:
+    """``resolver`` under its name of lipexp 0.1, as old configs (a run's .hydra/config.yaml,
+    a copied conf/logger/wandb.yaml) still write it; warns once per process."""
+
+    @functools.wraps(resolver)
+    def alias(*args: Any) -> Any:
+        warnings.warn(f"the resolver ${{{old}:...}} is deprecated: use "
+                      f"${{{resolver.__name__}:...}}", FutureWarning, stacklevel=2)
+        return resolver(*args)
+
+    return alias
+
+
+RESOLVERS = {"run_dirname": run_dirname, "wandb_name": wandb_name, "wandb_tags": wandb_tags,
+             "run_label": _deprecated("run_label", wandb_name),
+             "defence_tags": _deprecated("defence_tags", wandb_tags)}
 
 
 def register_resolvers() -> None:

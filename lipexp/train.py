@@ -9,7 +9,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from lipexp.build import build_datamodule, build_evaluator, build_module, build_trainer
 from lipexp.config import as_plain_dict, validate
-from lipexp.distributed import job_scope
+from lipexp.ddp_launch import job_scope
 from lipexp.evaluation.callback import RobustnessEvaluation
 from lipexp.loggers import closing_logger
 from lipexp.provenance import provenance

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -104,12 +104,21 @@ def test_overrides_reach_the_objects(make_cfg):
         ("recipe.epochs=0", ValueError, "recipe.epochs must be >= 1"),
         ("recipe.milestones=[20,10]", ValueError, "recipe.milestones must be increasing"),
         ("lip.target=-1", ValueError, "lip.target"),
-        ("data.batch_size=0", ValueError, "data.batch_size must be > 0"),
+        # raised by the constructor, wrapped by hydra's InstantiationException
+        ("data.batch_size=0", InstantiationException, "data.batch_size must be > 0"),
     ],
 )
 def test_bad_values_are_refused_with_a_message(make_cfg, override, error, message):
+    """Refused by validate or, for groups checked by their constructors (data, models,
+    attacks), when the run builds its objects; both come before any data is read."""
+    from lipexp.build import build_datamodule, build_evaluator, build_module
+
+    def validate_and_build(cfg):
+        validate(cfg)
+        build_module(cfg), build_datamodule(cfg), build_evaluator(cfg)
+
     with pytest.raises(error) as info:
-        validate(make_cfg(override))
+        validate_and_build(make_cfg(override))
     text = str(info.value) + str(info.value.__cause__ or "")
     assert message in text
 

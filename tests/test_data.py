@@ -216,3 +216,7 @@ def test_datamodule_validation():
         _digits_module(in_channels=3).setup("fit")
     with pytest.raises(ValueError, match=r"labels: expected in \[0, 5\)"):
         _digits_module(num_classes=5).setup("fit")
+    with pytest.raises(ValueError, match="data.batch_size must be > 0"):
+        _digits_module(batch_size=0)
+    with pytest.raises(ValueError, match="data.cutout must be >= 0"):
+        _digits_module(cutout=-1)

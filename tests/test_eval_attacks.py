@@ -55,8 +55,9 @@ def test_settings_are_json_ready_and_name_the_class(attack):
 
 def test_settings_values():
     assert PGDSearch("linf", steps=1, eps_init=0.001, eps_max=1.0).settings() == {
-        "attack": "PGDSearch", "norm": "linf", "steps": 1, "rel_step": 2.5, "targets": 9,
-        "eps_init": 0.001, "eps_max": 1.0, "rtol": 0.02}
+        "attack": "PGDSearch", "fixed_size": None, "norm": "linf", "steps": 1, "rel_step": 2.5,
+        "targets": 9, "eps_init": 0.001, "eps_max": 1.0, "rtol": 0.02}
+    assert AutoAttack(eps=0.1).settings()["fixed_size"] == 0.1
     assert SquareGrid(sizes=(0.2, 0.1)).settings()["sizes"] == (0.1, 0.2)  # sorted
 
 

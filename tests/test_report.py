@@ -346,8 +346,9 @@ def test_cli(sweep, tmp_path, capsys):
 
 
 def test_report_shows_every_attack_of_the_runs(tmp_path):
-    """Attacks beyond the two PGDs, under an old run's name (deepfool) or today's: the median
-    of an attack with a curve, the error at its one size of a fixed-size attack."""
+    """Attacks beyond the two PGDs, under an old run's name (deepfool) or today's
+    (l2_deepfool), one column by today's name: the median of an attack with a curve, the
+    error at its one size of a fixed-size attack."""
 
     def deepfool(median):
         return {"norm": "l2", "median": median, "n_unbroken": 0, "n_images": 1000,
@@ -372,20 +373,19 @@ def test_report_shows_every_attack_of_the_runs(tmp_path):
 
     _, every, _ = tables((tmp_path / "report.md").read_text())
     assert every[0] == ["defence", "l2_pgd: median l2 distance",
-                        "linf_pgd: median l-inf distance", "deepfool: median l2 distance",
-                        "linf_autoattack: error (%) at l-inf 8/255",
-                        "l2_deepfool: median l2 distance"]
+                        "linf_pgd: median l-inf distance", "l2_deepfool: median l2 distance",
+                        "linf_autoattack: error (%) at l-inf 8/255"]
     assert [r[0] for r in every[1:]] == ["J0 (n=2)", "J2"]
-    assert every[1][3:] == ["0.4 ± 0.1414", "41.00 ± 1.41", "—"]  # one value a column: no bold
-    assert every[2][3:] == ["—", "—", "0.7"]
+    assert every[1][3:] == ["0.4 ± 0.1414", "41.00 ± 1.41"]  # one value a column: no bold
+    assert every[2][3:] == ["**0.7**", "—"]
 
     assert summary["files"]["attacks_csv"] == str(tmp_path.resolve() / "report_attacks.csv")
     with open(summary["files"]["attacks_csv"], newline="") as f:
         rows = {(r["defence"], r["attack"]): r for r in csv.DictReader(f)}
     assert set(rows) == (  # no row for an attack that none of a defence's seeds evaluated
-        {("J0", a) for a in ("l2_pgd", "linf_pgd", "deepfool", "linf_autoattack")}
+        {("J0", a) for a in ("l2_pgd", "linf_pgd", "l2_deepfool", "linf_autoattack")}
         | {("J2", a) for a in ("l2_pgd", "linf_pgd", "l2_deepfool")})
-    df = rows["J0", "deepfool"]
+    df = rows["J0", "l2_deepfool"]
     assert (df["data"], df["model"], df["norm"], df["n_seeds"]) == (
         "cifar10", "resnet34", "l2", "2")
     assert float(df["median_mean"]) == pytest.approx(0.4)
@@ -398,4 +398,26 @@ def test_report_shows_every_attack_of_the_runs(tmp_path):
     assert rows["J2", "l2_deepfool"]["median_std"] == ""  # one seed: no std
     j0 = next(r for r in summary["rows"] if r["defence"] == "J0")
     assert j0["attacks"]["linf_autoattack"]["eps"] == 8 / 255
-    assert j0["attacks"]["l2_deepfool"]["n"] == 0
+    assert j0["attacks"]["l2_deepfool"]["n"] == 2  # both seeds, under either name
+
+
+def test_runs_of_lipexp_0_1_are_reported_with_todays(make_cfg, tmp_path):
+    """A results.json written by lipexp 0.1 (tests/data: adv=fgsm lip=l1, attacks l2_pgd,
+    linf_pgd and deepfool) and today's run of the same settings (seed 1) are one defence
+    with two seeds, without spurious "runs differ" notes, and deepfool is one attack."""
+    from lipexp.train import run
+
+    old = json.loads((Path(__file__).parent / "data" / "results_lipexp_0.1.json").read_text())
+    write_run(tmp_path, "old", old)
+    run(make_cfg("adv=j1", "lip=lip1", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+                 "eval.n_images=20", "attacks=[l2_pgd,linf_pgd,deepfool]",
+                 "attacks.l2_pgd.steps=3", "attacks.linf_pgd.steps=3", "attacks.l2_pgd.targets=1",
+                 "attacks.linf_pgd.targets=1", "eval.grid_points=8", "model.width=8",
+                 "logger=none", "seed=1", output_dir=tmp_path / "new"))
+    summary = report(tmp_path)
+    (row,) = summary["rows"]
+    assert row["defence"] == "J1-Lip1 & tanh" and row["n_seeds"] == 2 and row["seeds"] == [0, 1]
+    # the one difference is the test fixture's own (make_cfg turns the model summary off)
+    assert row["notes"] == ["runs differ in `trainer.enable_model_summary`"]
+    assert set(row["attacks"]) == {"l2_pgd", "linf_pgd", "l2_deepfool"}
+    assert row["attacks"]["l2_deepfool"]["n"] == 2

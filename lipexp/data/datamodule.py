@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lipexp.data.augment import augment
 from lipexp.data.sources import ImageArrays
+from lipexp.errors import require
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,13 @@ class ImageDataModule(pl.LightningDataModule):
         cutout: int = 0,
     ) -> None:
         super().__init__()
-        # Range checks of these settings: the config schema (lipexp.config.DataConfig).
+        for name, value in [("num_classes", num_classes), ("in_channels", in_channels),
+                            ("image_size", image_size), ("batch_size", batch_size),
+                            ("eval_batch_size", eval_batch_size)]:
+            require(value > 0, f"data.{name} must be > 0, got {value}")
+        for name, value in [("num_workers", num_workers), ("crop_padding", crop_padding),
+                            ("cutout", cutout)]:
+            require(value >= 0, f"data.{name} must be >= 0, got {value}")
         self.source = source
         self.num_classes = num_classes
         self.in_channels = in_channels

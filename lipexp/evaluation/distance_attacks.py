@@ -57,7 +57,7 @@ class DistanceAttack(ABC):
     def settings(self) -> dict:
         """``{"attack": class name, field: value, ...}``, JSON-ready, for results.json
         (enums as their value, private fields left out)."""
-        out = {"attack": type(self).__name__}
+        out = {"attack": type(self).__name__, "fixed_size": self.fixed_size}
         for f in dataclasses.fields(self):
             if not f.name.startswith("_"):
                 value = getattr(self, f.name)
