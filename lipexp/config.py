@@ -125,8 +125,12 @@ class EvalConfig:
     error_at_linf: list[float] = field(default_factory=lambda: [2 / 255, 8 / 255])
     grid_points: int = 100
     bf16: bool = False
+    lipschitz: bool = True  # the Lipschitz analysis: bounds and certified radii
+    jacobian_iterations: int = 20  # power iterations per image for ||J(x)||_2
 
     def __post_init__(self) -> None:
+        require(self.jacobian_iterations >= 1,
+                f"eval.jacobian_iterations must be >= 1, got {self.jacobian_iterations}")
         require(self.n_images is None or self.n_images > 0,
                 f"eval.n_images must be > 0 or null (all), got {self.n_images}")
         require(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")

@@ -111,6 +111,10 @@ def upgrade_run_config(config: dict) -> dict:
         config["scheduler"] = dict(CONSTANT_LR)
     if isinstance(config.get("attacks"), dict):
         config["attacks"] = {attack_name(k): v for k, v in config["attacks"].items()}
+    evaluation = config.get("eval")
+    if isinstance(evaluation, dict) and "lipschitz" not in evaluation:
+        # what ran before lipexp 0.2: no Lipschitz analysis (its settings at their defaults)
+        evaluation |= {"lipschitz": False, "jacobian_iterations": 20}
     return config
 
 

@@ -121,6 +121,13 @@ STABILITY = (
     Stat("jac_1_1_max", "max ‖∇f‖₁,₁", lambda r: _get(r, "stability", "jac_1_1", "max")),
     Stat("grad_loss_l2_mean", "mean ‖∇ℓ‖₂",
          lambda r: _get(r, "stability", "grad_loss_l2", "mean")),
+    # the Lipschitz analysis (docs/method.md, "Lipschitz estimates"): l2, of the logits
+    Stat("lipschitz_empirical", "max ‖J‖₂ (lower bound on L)",
+         lambda r: _get(r, "lipschitz", "empirical_l2", "jacobian_max")),
+    Stat("lipschitz_upper", "L upper bound", lambda r: _get(r, "lipschitz", "upper_bound_l2")),
+    Stat("lipschitz_ratio", "upper / lower", lambda r: _get(r, "lipschitz", "ratio")),
+    Stat("certified_l2_median", "median certified l2 radius",
+         lambda r: _get(r, "lipschitz", "certified", "l2", "median"), best=max),
 )
 NORM_NAMES = {"l2": "l2", "linf": "l-inf"}  # results.json's norm -> the tables' name
 ATTACKS_NOTE = (
@@ -132,7 +139,11 @@ STABILITY_NOTE = (
     "Stability statistics over the evaluated test images, model in eval mode: per-example "
     "norms of the input gradient of the loss ℓ and induced norms ‖·‖ₚ,q of the Jacobian of "
     "the logits f (after the tanh layer when present). The paper's loss-gradient columns "
-    "(‖∇ℓ‖) are gradients of the mean loss over test batches of 100, i.e. these values / 100."
+    "(‖∇ℓ‖) are gradients of the mean loss over test batches of 100, i.e. these values / 100. "
+    "Lipschitz constant L of the logits in l2: max ‖J‖₂ is the largest spectral norm of the "
+    "input Jacobian over the images (a lower bound on L), the upper bound the product of the "
+    "layers' operator norms; the certified radius of an image is its logit margin / (√2 L "
+    "upper), a distance below which no attack can succeed."
 )
 
 

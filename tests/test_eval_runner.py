@@ -17,7 +17,8 @@ from lipexp.evaluation.distance_attacks import PGDSearch
 from lipexp.evaluation.evaluate import evaluate
 from lipexp.evaluation.runner import Evaluator
 
-RESULT_KEYS = {"evaluation", "clean_error", "attacks", "stability", "checks", "files"}
+RESULT_KEYS = {"evaluation", "clean_error", "attacks", "stability", "checks", "files",
+               "lipschitz"}
 OUTPUTS = {"error_curves.csv", "error_curves.png", "distances.npz"}
 
 
@@ -70,7 +71,8 @@ def test_evaluator_writes_the_outputs_and_returns_the_results(tmp_path):
 
     # the first n_images test images, as evaluate() itself sees them
     direct = evaluate(net, data.x[:10], data.y[:10], attacks(), batch_size=4, grid_points=20,
-                      error_at_sizes={Norm.l2: [0.0, 0.1], Norm.linf: [8 / 255]})
+                      error_at_sizes={Norm.l2: [0.0, 0.1], Norm.linf: [8 / 255]},
+                      lipschitz_iterations=20)
     assert {k: v for k, v in results.items() if k != "files"} == direct.results
     assert results["evaluation"]["n_images"] == 10
     assert set(results["attacks"]["l2_pgd"]["error_at"]) == {"0", "0.1"}
@@ -81,8 +83,11 @@ def test_evaluator_writes_the_outputs_and_returns_the_results(tmp_path):
     saved = np.load(tmp_path / "run" / "distances.npz")
     np.testing.assert_array_equal(saved["indices"], np.arange(10))
     np.testing.assert_array_equal(saved["l2_pgd"], direct.distances["l2_pgd"])
+    np.testing.assert_array_equal(saved["certified_l2"], direct.certified["certified_l2"])
     with open(tmp_path / "run" / "error_curves.csv", newline="") as f:
-        assert {r["attack"] for r in csv.DictReader(f)} == {"l2_pgd", "linf_fgsm"}
+        assert {r["attack"] for r in csv.DictReader(f)} == {
+            "l2_pgd", "linf_fgsm", "certified (upper bound on error) l2",
+            "certified (upper bound on error) linf"}
 
     # the logger gets the flat summary numbers
     (logged,) = logger.logged
@@ -90,6 +95,8 @@ def test_evaluator_writes_the_outputs_and_returns_the_results(tmp_path):
     assert logged["test/l2_pgd_median"] == results["attacks"]["l2_pgd"]["median"]
     assert logged["test/linf_fgsm_error@0.03137255"] == (
         results["attacks"]["linf_fgsm"]["error_at"]["0.03137255"])
+    assert logged["test/lipschitz_upper"] == results["lipschitz"]["upper_bound_l2"]
+    assert logged["test/certified_l2_median"] == results["lipschitz"]["certified"]["l2"]["median"]
     assert logged["test/jac_2_inf_max"] == results["stability"]["jac_2_inf"]["max"]
     assert not any("scale" in k for k in logged)
 

@@ -231,10 +231,13 @@ def test_report_tables(sweep):
     assert adv[3][1:] == ["6.00", "0.25", "**20.00**", "90.00", "**∞**", "**20.00**"]
     assert adv[4][1:] == ["7.00 ± 1.41", "**0.45 ± 0.07071**", "25.00 ± 7.07",
                           "**70.00 ± 0.00**", "0.012 ± 0.002828 (3.06/255)", "35.00 ± 7.07"]
-    assert stab[0][1:] == ["max ‖∇ℓ‖₂", "max ‖∇f‖₂,∞", "max ‖∇ℓ‖₁", "max ‖∇f‖₁,₁", "mean ‖∇ℓ‖₂"]
-    assert stab[1][1:] == ["20", "9", "700", "300", "1.5"]
+    lipschitz = ["max ‖J‖₂ (lower bound on L)", "L upper bound", "upper / lower",
+                 "median certified l2 radius"]
+    assert stab[0][1:] == ["max ‖∇ℓ‖₂", "max ‖∇f‖₂,∞", "max ‖∇ℓ‖₁", "max ‖∇f‖₁,₁",
+                           "mean ‖∇ℓ‖₂", *lipschitz]
+    assert stab[1][1:] == ["20", "9", "700", "300", "1.5", *["—"] * 4]  # not evaluated
     assert stab[4][1:] == ["**2.5 ± 0.7071**", "**1.5 ± 0.7071**", "**120 ± 28.28**",
-                           "**50 ± 14.14**", "**0.25 ± 0.07071**"]
+                           "**50 ± 14.14**", "**0.25 ± 0.07071**", *["—"] * 4]
     assert "divided by 100" in md or "values / 100" in md
     # a grid of one run: no comparison, no bold
     assert x_adv[1] == ["J0", "4.00", "0.12", "50.00", "100.00", "0.006 (1.53/255)", "90.00"]
@@ -413,7 +416,7 @@ def test_runs_of_lipexp_0_1_are_reported_with_todays(make_cfg, tmp_path):
                  "eval.n_images=20", "attacks=[l2_pgd,linf_pgd,deepfool]",
                  "attacks.l2_pgd.steps=3", "attacks.linf_pgd.steps=3", "attacks.l2_pgd.targets=1",
                  "attacks.linf_pgd.targets=1", "eval.grid_points=8", "model.width=8",
-                 "logger=none", "seed=1", output_dir=tmp_path / "new"))
+                 "eval.lipschitz=false", "logger=none", "seed=1", output_dir=tmp_path / "new"))
     summary = report(tmp_path)
     (row,) = summary["rows"]
     assert row["defence"] == "J1-Lip1 & tanh" and row["n_seeds"] == 2 and row["seeds"] == [0, 1]
@@ -421,3 +424,21 @@ def test_runs_of_lipexp_0_1_are_reported_with_todays(make_cfg, tmp_path):
     assert row["notes"] == ["runs differ in `trainer.enable_model_summary`"]
     assert set(row["attacks"]) == {"l2_pgd", "linf_pgd", "l2_deepfool"}
     assert row["attacks"]["l2_deepfool"]["n"] == 2
+
+
+def test_the_stability_table_shows_the_lipschitz_analysis(tmp_path):
+    """Lower bound, upper bound, their ratio and the certified median per defence; the best
+    (lowest constants, largest radius) in bold."""
+    for job, options, (lower, upper, radius) in [("j0", (), (2.0, 900.0, 0.001)),
+                                                 ("j2", ("l2", "l2"), (0.5, 300.0, 0.004))]:
+        results = results_json(cfg(tmp_path, job, *options), 0.1, (0.2, [0.1] * 7),
+                               (0.01, [0.1] * 4), (1, 1, 1, 1, 1))
+        results["lipschitz"] = {"upper_bound_l2": upper, "ratio": upper / lower,
+                                "empirical_l2": {"jacobian_max": lower},
+                                "certified": {"l2": {"median": radius}}}
+        write_run(tmp_path, job, results)
+    report(tmp_path)
+    _, _, stab = tables((tmp_path / "report.md").read_text())  # adversarial, every attack
+    assert [row[0] for row in stab[1:]] == ["J0", "J2-Lip2"]
+    assert stab[1][6:] == ["2", "900", "**450**", "0.001"]  # the tighter bracket
+    assert stab[2][6:] == ["**0.5**", "**300**", "600", "**0.004**"]

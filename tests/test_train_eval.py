@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from lipexp.evaluation.curves import error_curve
 from lipexp.reevaluate import evaluate_checkpoint
 from lipexp.train import run
 
@@ -50,6 +51,23 @@ def test_mode_eval_reproduces_the_end_of_training_evaluation(make_cfg, tmp_path)
     b = np.load(tmp_path / "eval" / "distances.npz")
     np.testing.assert_array_equal(a["l2_pgd"], b["l2_pgd"])
     np.testing.assert_array_equal(a["indices"], np.arange(40))
+
+    # the Lipschitz analysis of a trained model: the bounds bracket, and no certified radius
+    # exceeds an adversarial example that PGD found (docs/method.md, "Guarantees")
+    lipschitz = saved["lipschitz"]
+    assert 0 < lipschitz["empirical_l2"]["jacobian_max"] <= lipschitz["upper_bound_l2"]
+    assert lipschitz["empirical_l2"]["grad_loss_max"] == saved["stability"]["grad_loss_l2"]["max"]
+    for norm in ("l2", "linf"):
+        assert (a[f"certified_{norm}"] <= a[f"{norm}_pgd"]).all()
+        assert (a[f"certified_{norm}"] > 0).any()
+        assert lipschitz["certified"][norm]["violations"] == 0
+        curve = lipschitz["certified"][norm]["curve"]
+        np.testing.assert_array_equal(curve["error"],
+                                      error_curve(a[f"certified_{norm}"], curve["eps"]))
+        # not certified >= broken by PGD, at every size: the certified curve bounds the error
+        assert (error_curve(a[f"certified_{norm}"], curve["eps"])
+                >= error_curve(a[f"{norm}_pgd"], curve["eps"])).all()
+    assert evaluated["lipschitz"] == trained["lipschitz"]
 
 
 def test_a_checkpoint_of_an_earlier_lipexp_is_evaluated_the_same(make_cfg, tmp_path):

@@ -8,7 +8,9 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 def metrics(results: dict[str, Any]) -> dict[str, float]:
     """Flat ``test/...`` summary numbers of an evaluation's results: ``test/clean_error``,
     ``test/<attack>_median``, ``test/<attack>_error@<size key>``, ``test/<statistic>_max``
-    and ``_mean`` (errors as fractions, distances in the attack's norm)."""
+    and ``_mean``, and with the Lipschitz analysis ``test/lipschitz_upper``,
+    ``test/lipschitz_empirical``, ``test/certified_<norm>_median`` (errors as fractions,
+    distances in the attack's norm)."""
     out = {"test/clean_error": results["clean_error"]}
     for name, a in results["attacks"].items():
         if "median" in a:
@@ -17,6 +19,12 @@ def metrics(results: dict[str, Any]) -> dict[str, float]:
     for stat, values in results["stability"].items():
         if isinstance(values, dict):  # not the "scale" note
             out |= {f"test/{stat}_{k}": v for k, v in values.items()}
+    if "lipschitz" in results:
+        lipschitz = results["lipschitz"]
+        out["test/lipschitz_upper"] = lipschitz["upper_bound_l2"]
+        out["test/lipschitz_empirical"] = lipschitz["empirical_l2"]["jacobian_max"]
+        out |= {f"test/certified_{norm}_median": c["median"]
+                for norm, c in lipschitz["certified"].items()}
     return out
 
 

@@ -2,8 +2,9 @@
 protocol"), and the one drawing of an error curve that the run figure and the report share.
 
 ``curves`` maps an attack name to ``{"norm": "l2" | "linf", "curve": {"eps": [...],
-"error": [...]}}``, the curve being ``summarize(...)["curve"]`` of curves.py (errors are
-fractions; the figures show %). Files are written atomically (lipexp.files.atomic_path).
+"error": [...]}}`` (and optionally ``"style"``, matplotlib line settings), the curve being
+``summarize(...)["curve"]`` of curves.py (errors are fractions; the figures show %). Files
+are written atomically (lipexp.files.atomic_path).
 """
 
 import csv
@@ -51,8 +52,9 @@ def plot_error_curves(curves: dict[str, dict], path: str | os.PathLike, title: s
     axes = fig.subplots(1, 2)
     for ax, (norm, xlabel) in zip(axes, PANELS.items()):
         attacks = {name: c["curve"] for name, c in curves.items() if c["norm"] == norm}
+        styles = {name: c.get("style", {}) for name, c in curves.items()}
         for name, curve in attacks.items():
-            draw_error_curve(ax, curve, name)
+            draw_error_curve(ax, curve, name, **styles.get(name, {}))
         if attacks:
             ax.set_xscale("log")
             ax.legend(fontsize="small", loc="upper left")

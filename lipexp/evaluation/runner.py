@@ -23,7 +23,9 @@ class Evaluator:
 
     ``batch_size`` images are attacked at once; ``error_at_l2`` / ``error_at_linf`` are the
     sizes (pixels in [0, 1]) whose error results.json reports for each attack of that norm;
-    ``grid_points`` the sizes of each error curve; ``bf16`` attacks under bfloat16 autocast.
+    ``grid_points`` the sizes of each error curve; ``bf16`` attacks under bfloat16 autocast;
+    ``lipschitz`` adds the Lipschitz analysis (the model's upper bound, the largest input
+    Jacobian norm by ``jacobian_iterations`` power iterations per image, certified radii).
     The settings' ranges are checked by the config schema (lipexp.config.EvalConfig).
     """
 
@@ -31,10 +33,12 @@ class Evaluator:
                  batch_size: int = 500,
                  error_at_l2: Sequence[float] = (0.0, 0.1, 0.5, 1.5),
                  error_at_linf: Sequence[float] = (2 / 255, 8 / 255),
-                 grid_points: int = 100, bf16: bool = False) -> None:
+                 grid_points: int = 100, bf16: bool = False, lipschitz: bool = True,
+                 jacobian_iterations: int = 20) -> None:
         self.attacks = dict(attacks)
         self.n_images, self.batch_size, self.grid_points, self.bf16 = (
             n_images, batch_size, grid_points, bf16)
+        self.lipschitz_iterations = jacobian_iterations if lipschitz else 0
         self.error_at = {Norm.l2: tuple(error_at_l2), Norm.linf: tuple(error_at_linf)}
 
     def __call__(self, net: nn.Module, datamodule: Any, output_dir: str | os.PathLike,
@@ -48,7 +52,7 @@ class Evaluator:
         log.info("robustness evaluation: %d images, attacks %s", n, list(self.attacks))
         evaluation = evaluate(net, x[:n], y[:n], self.attacks, error_at_sizes=self.error_at,
                               batch_size=self.batch_size, grid_points=self.grid_points,
-                              bf16=self.bf16)
+                              bf16=self.bf16, lipschitz_iterations=self.lipschitz_iterations)
         if evaluation is None:  # not rank 0
             return None
         evaluation.results["files"] = write_outputs(evaluation, output_dir)
