@@ -8,14 +8,18 @@ from omegaconf import DictConfig
 from lipexp.config import as_plain_dict
 from lipexp.data.datamodule import ImageDataModule
 from lipexp.defences.lipschitz import needs_double_backward
+from lipexp.errors import require
 from lipexp.evaluation.runner import Evaluator
+from lipexp.lipschitz.model_bounds import unsupported_layers
 from lipexp.module import RobustClassifier
 from lipexp.provenance import provenance
 
 
 def build_module(cfg: DictConfig) -> RobustClassifier:
-    """The LightningModule of a run config (training, or a checkpoint's own config)."""
-    return RobustClassifier(
+    """The LightningModule of a run config (training, or a checkpoint's own config); with
+    ``eval.lipschitz``, refuses a network with a layer that has no Lipschitz rule now rather
+    than after training."""
+    module = RobustClassifier(
         model=instantiate(cfg.model),
         head=instantiate(cfg.head),
         perturb=instantiate(cfg.adv),
@@ -25,6 +29,11 @@ def build_module(cfg: DictConfig) -> RobustClassifier:
         config=as_plain_dict(cfg),
         provenance=provenance(),
     )
+    missing = unsupported_layers(module.net) if cfg.eval.get("lipschitz") else []
+    require(not missing, f"eval.lipschitz=true, but the model has layers without a Lipschitz "
+            f"rule ({', '.join(missing)}): add one in lipexp/lipschitz/model_bounds.py or set "
+            "eval.lipschitz=false")
+    return module
 
 
 def build_datamodule(cfg: DictConfig) -> ImageDataModule:

@@ -45,3 +45,14 @@ def gather_batch(t: Tensor) -> Tensor:
         warnings.simplefilter("ignore", FutureWarning)
         return torch.cat(all_gather(t), dim=0)  # (world * B, ...)
 
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (batch normalization's running statistics) to every rank.
+
+    DDP broadcasts them before each training forward, so after the last step each rank's
+    statistics hold one more local update; a network evaluated on several ranks must be one
+    network. No-op in one process."""
+    if world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)

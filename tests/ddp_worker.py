@@ -75,15 +75,19 @@ def gradients_worker(rank: int, world: int, port: int, out: str, local_max: bool
 
 
 def evaluation_worker(rank: int, world: int, port: int, out: str) -> None:
-    """Every rank calls evaluate() on the same images; rank 0 saves the distances."""
+    """Every rank calls evaluate() on the same images; rank 0 saves the distances. Rank 1's
+    BN statistics differ: evaluate() must use rank 0's network on every rank."""
     from lipexp.attacks.threat import Norm
     from lipexp.evaluation.distance_attacks import PGDSearch
     from lipexp.evaluation.evaluate import evaluate
 
     _init(rank, world, port)
     model, x, y = evaluation_problem()
+    if rank == 1:  # as after DDP training: one more local update of the BN statistics
+        model[1].running_mean += 0.5
     ev = evaluate(model, x, y, {"l2_pgd": PGDSearch("l2", steps=5, targets=2)},
-                  error_at_sizes={Norm.l2: [0.1], Norm.linf: []}, batch_size=5)
+                  error_at_sizes={Norm.l2: [0.1], Norm.linf: [8 / 255]}, batch_size=5,
+                  lipschitz_iterations=5)
     assert (ev is None) == (rank != 0)
     if rank == 0:
         torch.save({"distances": ev.distances, "results": ev.results}, f"{out}/eval.pt")

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lipexp.attacks.threat import Norm
 from lipexp.data.datamodule import to_unit
-from lipexp.distributed import gather_objects, rank, world_size
+from lipexp.distributed import broadcast_buffers, gather_objects, rank, world_size
 from lipexp.evaluation.checks import run_checks
 from lipexp.evaluation.curves import error_at, summarize
 from lipexp.evaluation.distance_attacks import DistanceAttack
@@ -70,6 +70,7 @@ def evaluate(
     per-image numbers are the same; rank 0 gets the Evaluation, the other ranks None.
     """
     device = next(model.parameters()).device
+    broadcast_buffers(model)  # every rank evaluates rank 0's network, BN statistics included
     indices = torch.arange(len(x)) if indices is None else indices
     starts = list(range(0, len(x), batch_size))[rank()::world_size()]
     mine = {start: _attack_batch(model, to_unit(x[start:start + batch_size].to(device)),
@@ -105,9 +106,11 @@ def evaluate(
     if lipschitz_iterations:
         per_image = {k: torch.cat([b["lipschitz"][k] for b in ordered])
                      for k in ordered[0]["lipschitz"]}
+        # ||J||_2 >= its largest row norm ||J||_{2,inf}: the better of the two lower bounds
+        jacobian = torch.maximum(per_image["jacobian_l2"], per_example["jac_2_inf"])
         results["lipschitz"], certified = lipschitz_results(
-            model, x.shape[1:], per_image["margin"], per_image["jacobian_l2"],
-            per_example["grad_loss_l2"], d, attacks, error_at_sizes, grid_points)
+            model, x.shape[1:], per_image["margin"], jacobian, per_example["grad_loss_l2"], d,
+            attacks, error_at_sizes, grid_points)
         results["checks"]["warnings"] += violation_warnings(results["lipschitz"])
     for warning in results["checks"]["warnings"]:
         log.warning("evaluation check: %s", warning)

@@ -22,9 +22,9 @@ import numpy as np
 from torch import Tensor, nn
 
 from lipexp.attacks.threat import Norm
-from lipexp.evaluation.curves import median_distance, summarize
+from lipexp.evaluation.curves import eps_grid, error_curve, median_distance, summarize
 from lipexp.evaluation.distance_attacks import DistanceAttack
-from lipexp.lipschitz.certified import linf_radii
+from lipexp.lipschitz.certified import linf_radii, radii_from_margins
 from lipexp.lipschitz.model_bounds import upper_bound
 
 CERTIFIED_LABEL = "certified (upper bound on error)"  # its curve in the figure and the CSV
@@ -42,11 +42,12 @@ def lipschitz_results(
     grid_points: int,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(results["lipschitz"], {"certified_l2": radii, "certified_linf": radii})`` from the
-    per-image clean ``margin`` ``z_y - max_{j != y} z_j``, Jacobian norms and loss-gradient
-    norms (N,) of the evaluated images and the attacks' distances."""
+    per-image clean ``margin`` ``z_y - max_{j != y} z_j``, lower bounds on the Jacobian's
+    spectral norm and loss-gradient norms (N,) of the evaluated images and the attacks'
+    distances."""
     upper = upper_bound(model, tuple(input_shape))
     empirical = float(jacobian_l2.max())
-    radii_l2 = margin.double().clamp_min(0.0) / (np.sqrt(2.0) * upper)  # (N,), certified.py
+    radii_l2 = radii_from_margins(margin.double(), upper)  # (N,)
     radii = {Norm.l2: radii_l2, Norm.linf: linf_radii(radii_l2, int(np.prod(input_shape)))}
     certified = {}
     for norm, r in radii.items():
@@ -55,6 +56,10 @@ def lipschitz_results(
         ref = next((n for n, a in attacks.items() if a.reference and a.norm == norm), None)
         if ref is not None:
             d = distances[ref].astype(np.float64)
+            # the curve on the reference attack's sizes, so that both share one axis (the
+            # radii of a deep model's loose bound sit decades below the distances)
+            grid = eps_grid(d, grid_points)
+            entry["curve"] = {"eps": grid.tolist(), "error": error_curve(r, grid).tolist()}
             # tolerance: the attack's distances are float32 norms of the examples it found
             over = r > d * (1 + 1e-5) + 1e-12
             entry |= {"reference_attack": ref, "reference_median": median_distance(d),

@@ -9,8 +9,8 @@ def metrics(results: dict[str, Any]) -> dict[str, float]:
     """Flat ``test/...`` summary numbers of an evaluation's results: ``test/clean_error``,
     ``test/<attack>_median``, ``test/<attack>_error@<size key>``, ``test/<statistic>_max``
     and ``_mean``, and with the Lipschitz analysis ``test/lipschitz_upper``,
-    ``test/lipschitz_empirical``, ``test/certified_<norm>_median`` (errors as fractions,
-    distances in the attack's norm)."""
+    ``test/lipschitz_empirical``, ``test/lipschitz_ratio``, ``test/certified_<norm>_median``
+    (errors as fractions, distances in the attack's norm)."""
     out = {"test/clean_error": results["clean_error"]}
     for name, a in results["attacks"].items():
         if "median" in a:
@@ -23,6 +23,8 @@ def metrics(results: dict[str, Any]) -> dict[str, float]:
         lipschitz = results["lipschitz"]
         out["test/lipschitz_upper"] = lipschitz["upper_bound_l2"]
         out["test/lipschitz_empirical"] = lipschitz["empirical_l2"]["jacobian_max"]
+        if lipschitz["ratio"] is not None:
+            out["test/lipschitz_ratio"] = lipschitz["ratio"]
         out |= {f"test/certified_{norm}_median": c["median"]
                 for norm, c in lipschitz["certified"].items()}
     return out

@@ -33,11 +33,16 @@ def margins(logits: Tensor, y: Tensor) -> Tensor:
     return z_y - others.max(dim=1).values
 
 
-def certified_radii(logits: Tensor, y: Tensor, lipschitz_l2: float) -> Tensor:
+def radii_from_margins(margin: Tensor, lipschitz_l2: float) -> Tensor:
     """The certified l2 radius ``max(0, margin) / (sqrt(2) L)`` of each image, (B,)."""
     if not lipschitz_l2 > 0:
         raise ValueError(f"the Lipschitz constant must be > 0, got {lipschitz_l2}")
-    return margins(logits, y).clamp_min(0.0) / (math.sqrt(2.0) * lipschitz_l2)
+    return margin.clamp_min(0.0) / (math.sqrt(2.0) * lipschitz_l2)
+
+
+def certified_radii(logits: Tensor, y: Tensor, lipschitz_l2: float) -> Tensor:
+    """The certified l2 radius of each image from its logits (B, K) and labels (B,)."""
+    return radii_from_margins(margins(logits, y), lipschitz_l2)
 
 
 def linf_radii(l2_radii: Tensor, input_dim: int) -> Tensor:

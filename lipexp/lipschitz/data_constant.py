@@ -26,7 +26,9 @@ from torch import Tensor
 from lipexp.data.sources import ImageArrays
 
 U32 = 2.0**-24  # unit roundoff of float32
-DEFAULT_MEMORY = 512 * 2**20  # bytes of float32 distances per block (about; see _block_rows)
+# bytes of float32 distances per block; the rows whose candidates need an exact check add a
+# few float64 copies of their own (proportional to the block too: see _screen)
+DEFAULT_MEMORY = 512 * 2**20
 SPLITS = ("train", "test")
 
 

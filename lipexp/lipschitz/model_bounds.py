@@ -4,34 +4,35 @@ Two numbers bracket the Lipschitz constant ``L`` of the logits ``f`` in l2 (the 
 ``L`` with ``||f(x) - f(x')||_2 <= L ||x - x'||_2`` for all images):
 
 - ``upper_bound(net, input_shape)``: data-independent, the product of the layers' operator
-  norms (a residual block contributes ``||shortcut|| + ||branch||``). Each linear layer's
-  norm is its largest singular value AS A LINEAR MAP AT ITS ACTUAL INPUT SIZE (a
-  convolution's padding and stride included, not the kernel's matrix norm), found by power
-  iteration on ``A^T A``; batch normalization in eval mode is the diagonal scaling
-  ``|gamma| / sqrt(running_var + eps)``, whose norm is its largest entry; ReLU, tanh and
-  the tanh head's squashing are 1-Lipschitz; pooling layers are linear maps (average) or
-  have a counted bound (max). Since ``f`` is a composition, ``L <= prod_k L_k``.
+  norms (a residual block contributes ``||shortcut|| + ||branch||``), each factor PROVABLY
+  at least its layer's norm, so that the product is a valid bound: a convolution's (and an
+  average pooling's) norm as a linear map at the input size it actually sees, padding,
+  stride, dilation and groups included (not the kernel's matrix norm), bounded through the
+  circular convolution that contains it (``conv_operator_bound``: Fourier transform, exact
+  per frequency); a linear layer's exactly (SVD); batch normalization in eval mode as the
+  diagonal scaling ``|gamma| / sqrt(running_var + eps)``, its largest entry; ReLU, tanh and
+  the tanh head's squashing are 1-Lipschitz; max pooling has a counted bound.
 - ``jacobian_spectral_norms(net, x)``: empirical, per image the largest singular value of
   the input Jacobian of the logits, ``||J(x_i)||_2``. For a unit ``v``, ``||J v|| <=
   ||J||_2 <= L``, so every power-iteration iterate is already a valid lower bound; the
   iterations only tighten it.
 
-Power iteration converges to the largest singular value from below; ``upper_bound`` runs
-it to a relative change below ``tol`` per layer (the product's slack, orders of magnitude
-for deep networks, dwarfs that residual).
+``operator_norm`` (power iteration on ``A^T A``) estimates a linear map's norm from below;
+the tests use it to show that the Fourier bounds are tight, and it serves maps without a
+closed form. It is not used for the upper bound: after 500 iterations it was still 0.15%
+below the exact norm of AllCNN's first convolution at 32x32.
 
-This is written here rather than taken from a library: torch.nn.utils.spectral_norm
-normalizes a weight's matrix (the kernel's matrix norm, not the convolution's), and no
-dependency of lipexp bounds a whole network.
+Written here rather than taken from a library: torch.nn.utils.spectral_norm normalizes a
+weight's matrix (the kernel's matrix norm, not the convolution's), and no dependency of
+lipexp bounds a whole network.
 """
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import singledispatch
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 from torchvision.models.resnet import ResNet as TorchvisionResNet
@@ -77,145 +78,229 @@ def operator_norm(linear: Callable[[Tensor], Tensor], input_shape: tuple[int, ..
     return sigma
 
 
+# ---------------------------------------------------------------- convolutions, provably
+
+
+def conv_operator_bound(weight: Tensor, input_hw: tuple[int, int], stride=1, padding=0,
+                        dilation=1, groups: int = 1) -> float:
+    """An upper bound on the l2 operator norm of ``F.conv2d(., weight, None, stride, padding,
+    dilation, groups)`` on inputs of spatial size ``input_hw``: provably ``>= sigma_max``.
+
+    The zero-padded convolution is a restriction of the CIRCULAR convolution on a torus of
+    ``N >= H + p`` pixels per side (rounded up to a multiple of the stride): place the image
+    on the torus with zeros around it (an isometry; the p zeros on each side are the same
+    ``N - H >= p`` zeros), convolve circularly (every read of the padded image lands on the
+    same pixel or on a zero), keep the valid outputs (a restriction, norm <= 1). The
+    circular strided convolution is block-diagonal in the Fourier basis after the polyphase
+    split of the kernel (Sedghi et al. 2019 for stride 1): at each of the ``(N/s)^2``
+    frequencies it is the ``c_out x (c_in s^2)`` matrix of the phases' DFTs, so its norm is
+    the largest of those matrices' spectral norms. Groups are a block-diagonal dense kernel,
+    dilation a kernel with zeros between its taps. Tight in practice (measured: 0.3% above
+    the exact norm at 16x16, 1-15% at 8x8 for random 3x3 kernels), unlike power iteration,
+    which approaches the norm from below and cannot certify it.
+    """
+    pair = (lambda v: (v, v) if isinstance(v, int) else tuple(v))  # noqa: E731
+    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
+    w = weight.detach().double().cpu()
+    c_out, c_in_g, kh, kw = w.shape
+    if groups > 1:  # block-diagonal dense kernel: (c_out, c_in_g * groups, kh, kw)
+        dense = w.new_zeros(c_out, c_in_g * groups, kh, kw)
+        per = c_out // groups
+        for g in range(groups):
+            dense[g * per:(g + 1) * per, g * c_in_g:(g + 1) * c_in_g] = w[g * per:(g + 1) * per]
+        w = dense
+    if dh > 1 or dw > 1:  # taps spread out, zeros between them
+        dilated = w.new_zeros(w.shape[0], w.shape[1], dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+        dilated[:, :, ::dh, ::dw] = w
+        w = dilated
+    c_out, c_in, kh, kw = w.shape
+    # the torus: H + p pixels suffice (the padding on both sides is then the same zeros, and
+    # no valid output wraps onto a real pixel), rounded up to a multiple of the stride
+    n_h = math.ceil(max(input_hw[0] + ph, kh) / sh) * sh
+    n_w = math.ceil(max(input_hw[1] + pw, kw) / sw) * sw
+    k = w.new_zeros(c_out, c_in, n_h, n_w)
+    k[:, :, :kh, :kw] = w
+    # polyphase: kernel index u*s + a -> (u, a); the phases (a, b) join the input channels
+    k = k.reshape(c_out, c_in, n_h // sh, sh, n_w // sw, sw).permute(0, 1, 3, 5, 2, 4)
+    k = k.reshape(c_out, c_in * sh * sw, n_h // sh, n_w // sw)
+    spectrum = torch.fft.fft2(k)  # (c_out, c_in s^2, M_h, M_w)
+    per_frequency = spectrum.permute(2, 3, 0, 1).reshape(-1, c_out, c_in * sh * sw)
+    return torch.linalg.matrix_norm(per_frequency, ord=2).max().item()
+
+
 # ---------------------------------------------------------------- the upper bound, by layer
 
 
+@dataclass
+class Walk:
+    """What the rules need: each module's input shape (no batch dimension), and the
+    modules whose maps a rule has bounded (``upper_bound`` checks that none was missed)."""
+
+    shapes: dict[nn.Module, tuple[int, ...]]
+    visited: set[nn.Module] = field(default_factory=set)
+
+    def hw(self, module: nn.Module) -> tuple[int, int]:
+        return tuple(self.shapes[module][-2:])
+
+
+def layer_bound(module: nn.Module, walk: Walk) -> float:
+    """The l2 Lipschitz bound of ``module`` at its recorded input shape."""
+    walk.visited.add(module)
+    return _rule(module, walk)
+
+
 @singledispatch
-def layer_bound(module: nn.Module, shapes: dict[nn.Module, tuple[int, ...]]) -> float:
-    """The l2 Lipschitz bound of ``module`` at the input shapes recorded in ``shapes``
-    (module -> its input's shape without the batch dimension). Unknown modules raise:
-    a bound that silently skipped a layer would be wrong."""
-    raise TypeError(f"no Lipschitz bound for {type(module).__name__}: add a layer_bound "
-                    "rule in lipexp/lipschitz/model_bounds.py")
+def _rule(module: nn.Module, walk: Walk) -> float:
+    """Unknown modules raise: a bound that silently skipped a layer would be wrong."""
+    raise TypeError(f"no Lipschitz bound for {type(module).__name__}: add a rule in "
+                    "lipexp/lipschitz/model_bounds.py, or set eval.lipschitz=false")
 
 
-def _product(modules, shapes) -> float:
-    return math.prod(layer_bound(m, shapes) for m in modules)
+def _product(modules, walk: Walk) -> float:
+    return math.prod(layer_bound(m, walk) for m in modules)
 
 
-@layer_bound.register
-def _(module: nn.Sequential, shapes) -> float:
-    return _product(module, shapes)
+@_rule.register
+def _(module: nn.Sequential, walk) -> float:
+    return _product(module, walk)
 
 
-@layer_bound.register(nn.ReLU)
-@layer_bound.register(nn.Tanh)
-@layer_bound.register(nn.Identity)
-@layer_bound.register(nn.Flatten)
-@layer_bound.register(nn.Dropout)
-def _(module: nn.Module, shapes) -> float:
+@_rule.register(nn.ReLU)
+@_rule.register(nn.Tanh)
+@_rule.register(nn.Identity)
+@_rule.register(nn.Flatten)
+@_rule.register(nn.Dropout)
+def _(module: nn.Module, walk) -> float:
     return 1.0  # 1-Lipschitz (Dropout: the identity in eval mode)
 
 
-def _linear_map_norm(fn: Callable[[Tensor], Tensor], module: nn.Module, shapes) -> float:
-    param = next(module.parameters(), None)
-    device = param.device if param is not None else "cpu"
-    return operator_norm(fn, shapes[module], device=device)
+@_rule.register
+def _(module: nn.Conv2d, walk) -> float:
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise TypeError(f"Conv2d with padding={module.padding!r}, padding_mode="
+                        f"{module.padding_mode!r} has no Lipschitz rule")
+    # the bias is a shift: it does not change a Lipschitz constant
+    return conv_operator_bound(module.weight, walk.hw(module), module.stride, module.padding,
+                               module.dilation, module.groups)
 
 
-@layer_bound.register
-def _(module: nn.Conv2d, shapes) -> float:
-    weight = module.weight.double()
-
-    def conv(v: Tensor) -> Tensor:  # the bias is a shift: it does not change Lipschitz
-        return F.conv2d(v, weight, None, module.stride, module.padding, module.dilation,
-                        module.groups)
-
-    if module.padding_mode != "zeros":
-        raise TypeError(f"Conv2d with padding_mode={module.padding_mode!r} is not supported")
-    return _linear_map_norm(conv, module, shapes)
-
-
-@layer_bound.register
-def _(module: nn.Linear, shapes) -> float:
+@_rule.register
+def _(module: nn.Linear, walk) -> float:
     return torch.linalg.matrix_norm(module.weight.detach().double(), ord=2).item()  # exact
 
 
-@layer_bound.register(nn.AvgPool2d)
-@layer_bound.register(nn.AdaptiveAvgPool2d)
-def _(module: nn.Module, shapes) -> float:
-    return _linear_map_norm(lambda v: module(v), module, shapes)  # linear in v
+def _average_kernel(channels: int, kh: int, kw: int) -> Tensor:
+    """Average pooling as a depthwise convolution: (C, 1, kh, kw) of 1 / (kh kw)."""
+    return torch.full((channels, 1, kh, kw), 1.0 / (kh * kw), dtype=torch.float64)
 
 
-@layer_bound.register
-def _(module: nn.MaxPool2d, shapes) -> float:
+@_rule.register
+def _(module: nn.AvgPool2d, walk) -> float:
+    pair = (lambda v: (v, v) if isinstance(v, int) else tuple(v))  # noqa: E731
+    padding = pair(module.padding)
+    if module.ceil_mode or (any(padding) and not module.count_include_pad):
+        raise TypeError("AvgPool2d with ceil_mode or count_include_pad=False has no rule")
+    kh, kw = pair(module.kernel_size)
+    stride = pair(module.stride or module.kernel_size)
+    channels = walk.shapes[module][0]
+    return conv_operator_bound(_average_kernel(channels, kh, kw), walk.hw(module), stride,
+                               padding, 1, channels)
+
+
+@_rule.register
+def _(module: nn.AdaptiveAvgPool2d, walk) -> float:
+    """Global average pooling (output 1x1): each channel's mean, norm ``1 / sqrt(H W)``."""
+    if tuple(module.output_size if isinstance(module.output_size, tuple | list)
+             else (module.output_size,) * 2) != (1, 1):
+        raise TypeError("AdaptiveAvgPool2d has a Lipschitz rule for output size 1 only")
+    h, w = walk.hw(module)
+    return 1.0 / math.sqrt(h * w)
+
+
+@_rule.register
+def _(module: nn.MaxPool2d, walk) -> float:
     """Each output is 1-Lipschitz in its window in l-infinity, hence in l2; a pixel lies in
-    at most ``ceil(k / s)^2`` windows, so ``||max(a) - max(b)||_2 <= ceil(k/s) ||a - b||_2``."""
-    k = module.kernel_size if isinstance(module.kernel_size, int) else max(module.kernel_size)
-    s = module.stride if isinstance(module.stride, int) else min(module.stride)
-    return float(math.ceil(k / s))
+    at most ``prod_d ceil(k_d / s_d)`` windows, so the bound is the square root of that."""
+    pair = (lambda v: (v, v) if isinstance(v, int) else tuple(v))  # noqa: E731
+    if pair(module.dilation) != (1, 1):
+        raise TypeError("MaxPool2d with dilation has no Lipschitz rule")
+    kernel, stride = pair(module.kernel_size), pair(module.stride or module.kernel_size)
+    return math.sqrt(math.prod(math.ceil(k / s) for k, s in zip(kernel, stride)))
 
 
-@layer_bound.register(nn.BatchNorm1d)
-@layer_bound.register(nn.BatchNorm2d)
-def _(module: nn.modules.batchnorm._BatchNorm, shapes) -> float:
-    """Eval mode: ``x -> gamma (x - mean) / sqrt(var + eps) + beta``, a diagonal scaling."""
+def _bn_scale(module: nn.modules.batchnorm._BatchNorm) -> Tensor:
+    """Eval mode: ``x -> gamma (x - mean) / sqrt(var + eps) + beta``, per channel the scale
+    ``|gamma| / sqrt(var + eps)`` (gamma = 1 without affine parameters)."""
     if module.running_var is None:
         raise TypeError("BatchNorm without running statistics has no fixed eval-mode map")
-    scale = 1.0 / torch.sqrt(module.running_var.double() + module.eps)
+    scale = 1.0 / torch.sqrt(module.running_var.detach().double() + module.eps)
     if module.weight is not None:
         scale = scale * module.weight.detach().double().abs()
-    return scale.max().item()
+    return scale
 
 
-@layer_bound.register
-def _(module: TanhHead, shapes) -> float:
+@_rule.register
+def _(module: nn.modules.batchnorm._BatchNorm, walk) -> float:
+    """A diagonal scaling (BatchNorm1d/2d and SyncBatchNorm alike): its largest entry."""
+    return _bn_scale(module).max().item()
+
+
+@_rule.register
+def _(module: TanhHead, walk) -> float:
     """``|t| tanh(BN(z) / |t|)``: BN's scaling times 1 (the derivative sech^2 is <= 1)."""
-    return layer_bound(module.bn, shapes)
+    walk.visited.add(module.bn)
+    return _bn_scale(module.bn).max().item()
 
 
-@layer_bound.register
-def _(module: SmallCNN, shapes) -> float:
-    return layer_bound(module.features, shapes) * layer_bound(module.fc, shapes)
+@_rule.register
+def _(module: SmallCNN, walk) -> float:
+    return layer_bound(module.features, walk) * layer_bound(module.fc, walk)
 
 
-@layer_bound.register
-def _(module: ResNet, shapes) -> float:
-    return layer_bound(module.features, shapes) * layer_bound(module.fc, shapes)
+@_rule.register
+def _(module: ResNet, walk) -> float:
+    return layer_bound(module.features, walk) * layer_bound(module.fc, walk)
 
 
-@layer_bound.register
-def _(module: AllCNN, shapes) -> float:
-    return layer_bound(module.net, shapes)
+@_rule.register
+def _(module: AllCNN, walk) -> float:
+    return layer_bound(module.net, walk)
 
 
-@layer_bound.register
-def _(module: BranchBlock, shapes) -> float:
-    """``ReLU(x + mean_i branch_i(x))``: ``1 + ||mean o bn2 o conv2|| ||bn1|| ||conv1||``.
+@_rule.register
+def _(module: BranchBlock, walk) -> float:
+    """``ReLU(x + mean_i branch_i(x))``: ``1 + ||conv1|| ||bn1|| ||mean o bn2 o conv2||``.
 
-    The grouped ``conv2`` and the mean over the k branches are bounded together, as one
-    linear map at conv2's input size (the mean alone has norm ``1 / sqrt(k)``).
+    The grouped ``conv2``, ``bn2``'s scaling and the mean over the k branches are one
+    convolution from k*C to C channels, kernel ``K[o, i*C + c] = s[i*C + o] W2[i*C + o, c]
+    / k`` (branch i's output channel o reads group i's channels c), bounded as such.
     """
-    k = module.cardinality
-    conv2, bn2 = module.conv2, module.bn2
-    scale = 1.0 / torch.sqrt(bn2.running_var.double() + bn2.eps)
-    if bn2.weight is not None:
-        scale = scale * bn2.weight.detach().double().abs()
-
-    def conv2_bn2_mean(v: Tensor) -> Tensor:  # BN's shift dropped: Lipschitz is shift-free
-        y = F.conv2d(v, conv2.weight.double(), None, conv2.stride, conv2.padding,
-                     conv2.dilation, conv2.groups) * scale[:, None, None]
-        b, kc, h, w = y.shape
-        return y.reshape(b, k, kc // k, h, w).mean(dim=1)  # (B, k*C, H, W) -> (B, C, H, W)
-
-    branch = (layer_bound(module.conv1, shapes) * layer_bound(module.bn1, shapes)
-              * _linear_map_norm(conv2_bn2_mean, conv2, shapes))
-    return 1.0 + branch
+    k, conv2 = module.cardinality, module.conv2
+    kc, c_in_g = conv2.weight.shape[:2]  # (k*C, C) for groups=k
+    c = kc // k
+    w2 = conv2.weight.detach().double() * _bn_scale(module.bn2)[:, None, None, None]
+    merged = w2.new_zeros(c, kc, *w2.shape[2:])  # (C, k*C, kh, kw)
+    for i in range(k):
+        merged[:, i * c_in_g:(i + 1) * c_in_g] = w2[i * c:(i + 1) * c] / k
+    walk.visited.update({conv2, module.bn2})
+    mixed = conv_operator_bound(merged, walk.hw(conv2), conv2.stride, conv2.padding,
+                                conv2.dilation, 1)
+    return 1.0 + layer_bound(module.conv1, walk) * layer_bound(module.bn1, walk) * mixed
 
 
-@layer_bound.register
-def _(module: BasicBlock, shapes) -> float:
+@_rule.register
+def _(module: BasicBlock, walk) -> float:
     """torchvision's block, ``ReLU(shortcut(x) + bn2(conv2(ReLU(bn1(conv1(x))))))``."""
-    branch = _product([module.conv1, module.bn1, module.conv2, module.bn2], shapes)
-    shortcut = 1.0 if module.downsample is None else layer_bound(module.downsample, shapes)
+    branch = _product([module.conv1, module.bn1, module.conv2, module.bn2], walk)
+    shortcut = 1.0 if module.downsample is None else layer_bound(module.downsample, walk)
     return shortcut + branch
 
 
-@layer_bound.register
-def _(module: TorchvisionResNet, shapes) -> float:
+@_rule.register
+def _(module: TorchvisionResNet, walk) -> float:
     parts = [module.conv1, module.bn1, module.relu, module.maxpool, module.layer1,
              module.layer2, module.layer3, module.layer4, module.avgpool, module.fc]
-    return _product(parts, shapes)
+    return _product(parts, walk)
 
 
 def input_shapes(net: nn.Module, input_shape: tuple[int, ...]) -> dict[nn.Module, tuple]:
@@ -237,26 +322,26 @@ def input_shapes(net: nn.Module, input_shape: tuple[int, ...]) -> dict[nn.Module
     return shapes
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread for a while: power iteration on ONE image is a long chain of
-    small operations, where OpenMP's thread hand-offs cost more than they save (measured on
-    2 cores with the other one busy: the small CNN's bound took 29 s with 2 threads, 0.1 s
-    with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def upper_bound(net: nn.Module, input_shape: tuple[int, ...]) -> float:
     """``prod_k L_k >= L``: the data-independent l2 Lipschitz bound of ``net``'s logits on
-    images of ``input_shape`` (C, H, W), batch normalization in eval mode."""
-    shapes = input_shapes(net, input_shape)
-    with frozen_parameters(net), _one_thread():
-        return layer_bound(net, shapes)
+    images of ``input_shape`` (C, H, W), batch normalization in eval mode. Every factor is
+    provably at least its layer's norm, so the product is a valid bound; a module with
+    parameters or buffers that no rule bounded is an error, not a silent factor of 1."""
+    walk = Walk(input_shapes(net, input_shape))
+    with frozen_parameters(net):
+        bound = layer_bound(net, walk)
+    missed = [name for name, m in net.named_modules() if m not in walk.visited
+              and (any(True for _ in m.parameters(recurse=False))
+                   or any(True for _ in m.buffers(recurse=False)))]
+    if missed:
+        raise TypeError(f"the Lipschitz bound skipped {missed}: their rule is missing")
+    return bound
+
+
+def unsupported_layers(net: nn.Module) -> list[str]:
+    """Types of ``net``'s modules without a rule (a check before training starts)."""
+    return sorted({type(m).__name__ for m in net.modules()
+                   if _rule.dispatch(type(m)) is _rule.dispatch(object)})
 
 
 # ---------------------------------------------------------------- the empirical lower bound
