@@ -59,6 +59,40 @@ def test_convolution_norms_at_their_input_size(stride, padding, dilation, groups
         assert abs(found - kernel) > 1e-3 * exact  # the map at its size, not the kernel's
 
 
+def test_the_fourier_bound_holds_for_every_convolution_setting():
+    """Rectangular inputs and kernels, per-axis stride / padding / dilation, padding beyond
+    the kernel, a kernel larger than the image, 1x1 kernels with stride 2, groups with
+    c_out != c_in: never below the exact norm."""
+    g = torch.Generator().manual_seed(0)
+    cases = [  # c_in, c_out, kernel, stride, padding, dilation, groups, (H, W)
+        (2, 3, (3, 2), (2, 1), (1, 0), (1, 2), 1, (7, 5)), (4, 6, 1, 2, 0, 1, 2, (6, 6)),
+        (2, 2, 3, 1, 4, 1, 1, (3, 3)), (1, 2, 5, 1, 4, 1, 1, (3, 4)),
+        (2, 4, 3, 4, (2, 1), 2, 2, (9, 6)), (3, 3, (1, 3), (1, 3), (0, 2), 1, 3, (5, 8))]
+    for c_in, c_out, k, s, p, d, groups, hw in cases:
+        kh, kw = (k, k) if isinstance(k, int) else k
+        w = torch.randn(c_out, c_in // groups, kh, kw, generator=g, dtype=torch.float64)
+
+        def conv(v, w=w, s=s, p=p, d=d, groups=groups):
+            return F.conv2d(v, w, None, s, p, d, groups)
+
+        exact = torch.linalg.matrix_norm(explicit_matrix(conv, (c_in, *hw)), ord=2).item()
+        assert conv_operator_bound(w, hw, s, p, d, groups) >= exact * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(2, 2, 3, padding="same"),
+                                   nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"),
+                                   nn.AvgPool2d(2, ceil_mode=True),
+                                   nn.AvgPool2d(3, 1, 1, divisor_override=1),
+                                   nn.AdaptiveAvgPool2d(2), nn.MaxPool2d(3, dilation=2),
+                                   nn.BatchNorm2d(2, track_running_stats=False)])
+def test_settings_without_a_rule_are_refused_before_any_work(layer):
+    net = nn.Sequential(layer, nn.Flatten())
+    (why,) = unsupported_layers(net)
+    with pytest.raises(TypeError, match="has no Lipschitz rule"):
+        upper_bound(net, (2, 8, 8))
+    assert type(layer).__name__.startswith(why.split(" ")[0])  # it names the layer
+
+
 @pytest.mark.parametrize("pool,shape", [(nn.AvgPool2d(2), (3, 8, 8)),
                                         (nn.AvgPool2d(3, stride=2, padding=1), (2, 7, 7)),
                                         (nn.AdaptiveAvgPool2d(1), (3, 4, 6))])

@@ -56,9 +56,9 @@ def lipschitz_results(
         ref = next((n for n, a in attacks.items() if a.reference and a.norm == norm), None)
         if ref is not None:
             d = distances[ref].astype(np.float64)
-            # the curve on the reference attack's sizes, so that both share one axis (the
-            # radii of a deep model's loose bound sit decades below the distances)
-            grid = eps_grid(d, grid_points)
+            # the curve on sizes that span both the radii and the attack's distances, so that
+            # one axis shows both curves whole (a loose bound's radii sit decades below)
+            grid = eps_grid(np.concatenate([r, d]), grid_points)
             entry["curve"] = {"eps": grid.tolist(), "error": error_curve(r, grid).tolist()}
             # tolerance: the attack's distances are float32 norms of the examples it found
             over = r > d * (1 + 1e-5) + 1e-12

@@ -63,7 +63,7 @@ def plot_error_curves(curves: dict[str, dict], path: str | os.PathLike, title: s
                     transform=ax.transAxes)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("error (%)")
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 101)  # 101: a curve at 100% stays visible above the frame
         ax.grid(True, which="both", alpha=0.3)
     if title:
         fig.suptitle(title)
