@@ -113,8 +113,11 @@ def upgrade_run_config(config: dict) -> dict:
         config["attacks"] = {attack_name(k): v for k, v in config["attacks"].items()}
     evaluation = config.get("eval")
     if isinstance(evaluation, dict) and "lipschitz" not in evaluation:
+        from lipexp.config import EvalConfig  # imported here: config imports this module
+
         # what ran before lipexp 0.2: no Lipschitz analysis (its settings at their defaults)
-        evaluation |= {"lipschitz": False, "jacobian_iterations": 20}
+        evaluation |= {"lipschitz": False,
+                       "jacobian_iterations": EvalConfig.jacobian_iterations}
     return config
 
 

@@ -131,7 +131,7 @@ STABILITY = (
 )
 NORM_NAMES = {"l2": "l2", "linf": "l-inf"}  # results.json's norm -> the tables' name
 ATTACKS_NOTE = (
-    "Every attack that the runs evaluated, by its name in results.json: the median "
+    "Every attack that the runs evaluated, by today's name: the median "
     "adversarial distance of an attack with an error curve (largest is best), and the error "
     "at its one size of a fixed-size attack such as AutoAttack (lowest is best)."
 )
@@ -145,8 +145,6 @@ STABILITY_NOTE = (
     "layers' operator norms; the certified radius of an image is its logit margin / (√2 L "
     "upper), a distance below which no attack can succeed."
 )
-
-
 
 
 def _size_text(norm: str, size: float) -> str:

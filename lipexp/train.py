@@ -46,7 +46,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["trained"] = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
         results["clean"] = {"error": 1.0 - test["test/acc"], "loss": test["test/loss"]}
         results["data"] = {"n_train": data.num_train, "n_test": data.num_test}
-        results |= (evaluated[0] if evaluated else None) or {}
+        if evaluated and evaluated[0] is not None:  # rank 0, unless fast_dev_run
+            results |= evaluated[0]
     if rank_zero:
         log.info("clean test error %.4f; run folder: %s", results["clean"]["error"], folder.path)
         print(f"Run folder: {folder.path.resolve()}")

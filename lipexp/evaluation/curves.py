@@ -96,15 +96,17 @@ def eps_grid(distances, num: int = 100) -> np.ndarray:
     return np.concatenate([[0.0], np.geomspace(lo, hi, num - 1)])
 
 
-def summarize(distances, sizes: Iterable[float], num: int = 100) -> dict:
+def summarize(distances, sizes: Iterable[float], num: int = 100,
+              grid: np.ndarray | None = None) -> dict:
     """Everything reported for one (model, attack), as JSON-ready Python floats and lists.
 
     ``{"median": float, "n_unbroken": int (+inf distances), "n_images": int,
     "error_at": {size_key: fraction}, "curve": {"eps": [...], "error": [...]}}``;
-    an infinite median is ``float("inf")``.
+    an infinite median is ``float("inf")``. The curve is on ``grid`` when given, else on
+    ``eps_grid(distances, num)``.
     """
     d, precision = _distances(distances)
-    grid = eps_grid(d, num)
+    grid = eps_grid(d, num) if grid is None else np.asarray(grid, dtype=np.float64)
     return {
         "median": median_distance(d),
         "n_unbroken": int(np.isinf(d).sum()),

@@ -81,6 +81,11 @@ def operator_norm(linear: Callable[[Tensor], Tensor], input_shape: tuple[int, ..
 # ---------------------------------------------------------------- convolutions, provably
 
 
+def _pair(v) -> tuple:
+    """A per-axis setting (an int or a pair) as a pair."""
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def conv_operator_bound(weight: Tensor, input_hw: tuple[int, int], stride=1, padding=0,
                         dilation=1, groups: int = 1) -> float:
     """An upper bound on the l2 operator norm of ``F.conv2d(., weight, None, stride, padding,
@@ -155,10 +160,6 @@ def _rule(module: nn.Module, walk: Walk) -> float:
     """Unknown modules raise: a bound that silently skipped a layer would be wrong."""
     raise TypeError(f"no Lipschitz bound for {type(module).__name__}: add a rule in "
                     "lipexp/lipschitz/model_bounds.py, or set eval.lipschitz=false")
-
-
-def _pair(v) -> tuple:
-    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 @singledispatch
@@ -292,13 +293,9 @@ def _(module: TanhHead, walk) -> float:
     return _bn_scale(module.bn).max().item()
 
 
-@_rule.register
-def _(module: SmallCNN, walk) -> float:
-    return layer_bound(module.features, walk) * layer_bound(module.fc, walk)
-
-
-@_rule.register
-def _(module: ResNet, walk) -> float:
+@_rule.register(SmallCNN)
+@_rule.register(ResNet)
+def _(module: nn.Module, walk) -> float:
     return layer_bound(module.features, walk) * layer_bound(module.fc, walk)
 
 
