@@ -3,14 +3,14 @@
 Returns the clean test error (the metric a Hydra sweeper minimizes).
 """
 
-import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lipexp.config import Mode, register
+from lipexp.config import Mode, register, unknown_choices
 from lipexp.ddp_launch import child_argv
 from lipexp.deprecations import chosen_options, notices, rename_keys
 
@@ -19,20 +19,25 @@ if (argv := child_argv()) is not None:
     # A DDP child started by Lightning: run the parent's job (lipexp.ddp_launch.job_scope).
     sys.argv = [sys.argv[0], *argv]
 sys.argv[1:], KEY_NOTICES = rename_keys(sys.argv[1:])  # lip.norm=1 -> lip.dual_norm=1
+if __name__ == "__main__" and (unknown := unknown_choices(
+        [a for a in sys.argv[1:] if not a.startswith("-")], Path(__file__).parent / "conf")):
+    sys.exit("\n".join(unknown))  # before Hydra, whose message for lists names no option
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     said = notices(chosen_options(hydra_cfg.runtime.choices, hydra_cfg.overrides.task))
-    for notice in [*KEY_NOTICES, *said]:
-        logging.getLogger("lipexp").warning(notice)
+    for notice in [*KEY_NOTICES, *said]:  # stderr, not the log: the folder is not ours yet
+        print(f"warning: {notice}", file=sys.stderr)
     # imported here: the heavy modules load only after Hydra has parsed the command line
     from lipexp.reevaluate import evaluate_checkpoint
     from lipexp.train import run
 
     results = {Mode.train: run, Mode.eval: evaluate_checkpoint}[Mode(cfg.mode)](cfg)
-    return results["clean"]["error"] if "clean" in results else results["clean_error"]
+    if "clean" in results:  # training: the whole test split's clean error
+        return results["clean"]["error"]
+    return results["evaluation"]["clean_error"]  # mode=eval: the evaluated images'
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@ module, the evaluation and the Trainer. Building reads no data."""
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lipexp.config import as_plain_dict
 from lipexp.data.datamodule import ImageDataModule
+from lipexp.defences.finite_difference import share_adversarial_passes
 from lipexp.defences.lipschitz import needs_double_backward
 from lipexp.errors import require
 from lipexp.evaluation.runner import Evaluator
@@ -14,20 +15,30 @@ from lipexp.lipschitz.model_bounds import unsupported_layers
 from lipexp.module import RobustClassifier
 from lipexp.provenance import provenance
 
+MODEL_OPTIONS = ("channels_last", "compile")  # model keys that configure training, not layers
+
 
 def build_module(cfg: DictConfig) -> RobustClassifier:
     """The LightningModule of a run config (training, or a checkpoint's own config); with
     ``eval.lipschitz``, refuses a network with a layer that has no Lipschitz rule now rather
     than after training."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    # Speed options of the model (+model.channels_last, +model.compile): the module's, not
+    # the constructor's.
+    options = {k: bool(model_cfg.pop(k, False)) for k in MODEL_OPTIONS}
+    perturb, objective = instantiate(cfg.adv), instantiate(cfg.lip)
+    if cfg.lip.get("reuse_adv_gradient"):  # fd sharing J1/J2's passes (refused if it cannot)
+        perturb, objective = share_adversarial_passes(perturb, objective)
     module = RobustClassifier(
-        model=instantiate(cfg.model),
+        model=instantiate(model_cfg),
         head=instantiate(cfg.head),
-        perturb=instantiate(cfg.adv),
-        objective=instantiate(cfg.lip),
+        perturb=perturb,
+        objective=objective,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler),
         config=as_plain_dict(cfg),
         provenance=provenance(),
+        **options,
     )
     missing = unsupported_layers(module.net) if cfg.eval.get("lipschitz") else []
     require(not missing, f"eval.lipschitz=true, but the model has layers without a Lipschitz "
@@ -57,6 +68,11 @@ def build_trainer(cfg: DictConfig, module: RobustClassifier,
             "(lip.method=exact): PyTorch has no double backward through SyncBatchNorm. Keep "
             "batch normalization per rank (trainer.sync_batchnorm=false) or use lip=none."
         )
+    unlimited = cfg.trainer.get("max_epochs") in (None, -1)  # Lightning: -1 = no limit
+    require(not unlimited or (cfg.trainer.get("max_steps") or -1) > 0
+            or cfg.trainer.get("max_time") is not None,
+            f"trainer.max_epochs={cfg.trainer.get('max_epochs')} trains without end (and never "
+            "evaluates): set trainer.max_epochs >= 0, or +trainer.max_steps / +trainer.max_time")
     checkpoints = [instantiate(c) for c in cfg.callbacks.values()]
     logger = instantiate(cfg.logger) if cfg.logger else False
     return instantiate(cfg.trainer, callbacks=[*checkpoints, *callbacks], logger=logger)

@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -33,6 +34,7 @@ class Method(str, Enum):
     """How the input-gradient norm is computed (lipexp.defences.lipschitz.ESTIMATORS)."""
 
     exact = "exact"  # double backpropagation through the graph
+    fd = "fd"  # finite difference (l(x + h d) - l(x)) / h along the normalized gradient d
 
 
 class Mode(str, Enum):
@@ -82,8 +84,16 @@ class LipConfig:
     target: float | None = None  # hinge max(0, L - target) when set
     squared: bool = False  # square the hinge
     method: Method = Method.exact
+    h: float = 0.01  # fd: step of the finite difference (l2 size, pixels in [0, 1])
+    # fd with J1/J2: the attack's gradient taken in train mode and x + h d its adversarial
+    # image (h = adv.eps), 2 forward passes per step instead of 3 (docs/method.md)
+    reuse_adv_gradient: bool = False
 
     def __post_init__(self) -> None:
+        require(self.h > 0, f"lip.h (the finite-difference step, l2 size in pixels) must be "
+                f"> 0, got {self.h}")
+        require(not self.reuse_adv_gradient or self.method is Method.fd,
+                f"lip.reuse_adv_gradient=true needs lip.method=fd, got {self.method.value}")
         require(self.dual_norm in (1, 2), f"lip.dual_norm must be 1 (Lip1, dual of l-infinity) "
                 f"or 2 (Lip2, dual of l2), got {self.dual_norm}")
         require(self.lam >= 0, f"lip.lam must be >= 0, got {self.lam}")
@@ -110,6 +120,7 @@ class DataConfig:
     crop_padding: int = 0  # pixels of zero padding before the random crop, 0 = off
     flip: bool = False  # random horizontal flip
     cutout: int = 0  # side of the cutout square in pixels, 0 = off
+    on_device: bool = False  # keep the training set on the GPU (refused without one)
 
     # range checks: ImageDataModule's constructor (built right after validate, before data)
 
@@ -249,3 +260,28 @@ def validate(cfg: DictConfig) -> None:
     """Reject unknown keys and run every schema's range checks; ValueError names the key."""
     _check_keys(cfg, "")
     OmegaConf.to_object(cfg)
+
+
+def unknown_choices(overrides: list[str], conf_dir: str | Path) -> list[str]:
+    """One message per option of a list-valued group override (``attacks=[l2_pgd,bad]``)
+    that ``conf_dir/<group>/`` does not have, listing the options that exist: Hydra's own
+    error for a list names none ("Could not load 'attacks/bad'")."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser, messages = OverridesParser.create(), []
+    for text in overrides:
+        try:
+            (override,) = parser.parse_overrides([text])
+        except OverrideParseException:  # not an override (--cfg job), or a bad one: Hydra says
+            continue
+        group = Path(conf_dir) / override.key_or_group
+        value = override.value()
+        if override.package is not None or not group.is_dir() or not isinstance(value, list):
+            continue
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        for option in value:
+            if str(option) not in options:
+                messages.append(f"{override.key_or_group}={option}: no such option; available "
+                                f"options in '{override.key_or_group}': {', '.join(options)}")
+    return messages

@@ -111,6 +111,11 @@ def upgrade_run_config(config: dict) -> dict:
         config["scheduler"] = dict(CONSTANT_LR)
     if isinstance(config.get("attacks"), dict):
         config["attacks"] = {attack_name(k): v for k, v in config["attacks"].items()}
+    if isinstance(lip, dict) and "dual_norm" in lip:  # lipexp 0.3: the finite-difference
+        lip.setdefault("h", 0.01)  # penalty's settings; what ran before was the exact one
+        lip.setdefault("reuse_adv_gradient", False)
+    if isinstance(config.get("data"), dict):
+        config["data"].setdefault("on_device", False)  # lipexp 0.3; before: in host memory
     evaluation = config.get("eval")
     if isinstance(evaluation, dict) and "lipschitz" not in evaluation:
         from lipexp.config import EvalConfig  # imported here: config imports this module
@@ -129,4 +134,7 @@ def upgrade_results(results: dict) -> dict:
         results["config"] = upgrade_run_config(results["config"])
     if isinstance(results.get("attacks"), dict):
         results["attacks"] = {attack_name(k): v for k, v in results["attacks"].items()}
+    if "clean_error" in results and isinstance(results.get("evaluation"), dict):
+        # lipexp 0.2.0: the evaluated images' clean error moved into "evaluation"
+        results["evaluation"] = {**results["evaluation"], "clean_error": results.pop("clean_error")}
     return results

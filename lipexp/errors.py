@@ -6,3 +6,23 @@ def require(ok: bool, message: str) -> None:
     """Raise ``ValueError(message)`` unless ``ok``."""
     if not ok:
         raise ValueError(message)
+
+
+class Stopped(BaseException):
+    """A run stopped by a signal at a step boundary, its state saved (lipexp.stopping).
+    A BaseException, like KeyboardInterrupt: no ``except Exception`` on the way swallows it.
+    ``status`` is what results.json records."""
+
+    status = "stopped"
+
+
+class Interrupted(Stopped):
+    status = "interrupted"  # SIGINT (Ctrl-C)
+
+
+class Terminated(Stopped):
+    status = "terminated"  # SIGTERM (a scheduler's kill, scancel)
+
+
+class Requeued(Stopped):
+    status = "requeued"  # SLURM's warning signal (SIGUSR1): the job runs again, and resumes

@@ -6,6 +6,8 @@ reports) goes through ``atomic_path``: write to a temporary file in the same fol
 """
 
 import json
+import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -14,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+# keys whose null results.json documents (an unbroken median, and the gaps computed from one)
+EXPLAINED_NULLS = ("median", "median_gap", "reference_median")
 
 
 def _umask() -> int:
@@ -42,10 +49,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def strict_json(data: Any, where: str = "", replaced: list[str] | None = None) -> Any:
+    """``data`` with every NaN or infinite float (Python's or numpy's) replaced by None.
+
+    Strict JSON has no NaN or Infinity tokens, and a reader that rejects them (most
+    languages' parsers, ``json.loads(..., parse_constant=...)``) must read every file lipexp
+    writes. The paths of the replaced numbers are appended to ``replaced``. Where a
+    non-finite value means something (a median beyond every attack size), the writer says
+    so next to it: an attack's ``median`` is null exactly when more than half its images
+    are unbroken, which ``n_unbroken`` counts.
+    """
+    if isinstance(data, dict):
+        return {k: strict_json(v, f"{where}.{k}" if where else str(k), replaced)
+                for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [strict_json(v, f"{where}[{i}]", replaced) for i, v in enumerate(data)]
+    if isinstance(data, float | np.floating) and not math.isfinite(data):
+        if replaced is not None:
+            replaced.append(where)
+        return None
+    return data
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """``data`` as indented JSON at ``path``, flushed to disk before the rename."""
+    """``data`` as indented, strict JSON at ``path`` (NaN and infinities as null, see
+    ``strict_json``), flushed to disk before the rename."""
+    replaced: list[str] = []
+    strict = strict_json(data, replaced=replaced)
+    unexplained = [p for p in replaced if not p.endswith(EXPLAINED_NULLS)]
+    if unexplained:
+        log.warning("%s: non-finite numbers written as null: %s", path, ", ".join(unexplained))
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False, allow_nan=True)
+        json.dump(strict, f, indent=2, sort_keys=False, allow_nan=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())

@@ -1,6 +1,8 @@
 """The LightningModule: a network (model + head) trained with a composed defence."""
 
+import warnings
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,6 +22,13 @@ class RobustClassifier(pl.LightningModule):
     its optional Lipschitz penalty (see ``lipexp.defences``); the module only composes them.
     ``config`` (the resolved run config) and ``provenance`` (versions, lipexp commit) are
     stored in every checkpoint, so a checkpoint alone says how it was made.
+
+    Speed options (``+model.channels_last=true``, ``+model.compile=true``; docs in README,
+    "Speed"): ``channels_last`` stores the weights and the training batches in NHWC order
+    (faster convolutions on tensor cores); ``compile`` trains through ``torch.compile(net)``
+    (the weights stay those of ``net``: checkpoints are unchanged). torch.compile cannot
+    differentiate twice, so with an objective that needs double backpropagation (the
+    exact penalty) it warns and trains uncompiled.
     """
 
     def __init__(
@@ -32,9 +41,27 @@ class RobustClassifier(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         config: dict | None = None,
         provenance: dict | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.net = nn.Sequential(model, head)
+        self.channels_last = channels_last
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        # The network the training step calls; kept out of the module's children (a plain
+        # attribute) so that state_dict and checkpoints hold the weights once, under net.
+        self.__dict__["_train_net"] = self.net
+        if compile:
+            from lipexp.defences.lipschitz import needs_double_backward
+
+            if needs_double_backward(objective):
+                warnings.warn("model.compile=true: torch.compile cannot differentiate twice, "
+                              "which the exact Lipschitz penalty (lip.method=exact) needs; "
+                              "training runs uncompiled (lip.method=fd can be compiled)",
+                              stacklevel=2)
+            else:
+                self.__dict__["_train_net"] = torch.compile(self.net)
         self.perturb, self.objective = perturb, objective
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.config, self.provenance = config, provenance
@@ -44,16 +71,37 @@ class RobustClassifier(pl.LightningModule):
             {f"{s}_{m}": MeanMetric().set_dtype(torch.float64) for s in ("val", "test")
              for m in ("loss", "acc")}
         )
+        # Throughput: wall time between the starts of consecutive training steps (data,
+        # transfer, augmentation and compute), so a user sees what a defence costs.
+        self._step_started: float | None = None
+        self._images_per_s: float | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """``images/s = B_global / (seconds since the previous step started)``; the first
+        step of an epoch has no previous one (validation runs in between)."""
+        now = perf_counter()
+        if batch_idx == 0 or self._step_started is None:
+            self._images_per_s = None
+        else:
+            world = self.trainer.world_size if self._trainer is not None else 1
+            self._images_per_s = len(batch[1]) * world / (now - self._step_started)
+        self._step_started = now
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        x_adv = self.perturb(self.net, x, y)
-        loss, logs = self.objective(self.net, x_adv, y)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        net = self.__dict__["_train_net"]
+        x_adv = self.perturb(net, x, y)
+        loss, logs = self.objective(net, x_adv, y)
         for name, value in logs.items():
             self.log(f"train/{name}", value, prog_bar=name in ("loss", "acc"), batch_size=len(y))
+        if self._images_per_s is not None:  # all processes together, images per second
+            self.log("train/images_per_s", self._images_per_s, prog_bar=True, batch_size=len(y),
+                     rank_zero_only=True)
         return loss
 
     def on_train_epoch_start(self) -> None:

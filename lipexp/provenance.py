@@ -9,6 +9,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from lipexp import __version__
+
 
 def now() -> str:
     """The current UTC time, ISO 8601 to the second."""
@@ -27,6 +29,7 @@ def provenance() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit = None  # installed without its git history
     return {
+        "lipexp": __version__,
         "lipexp_commit": commit,
         "python": sys.version.split()[0],
         "torch": str(torch.__version__),  # a str subclass that weights_only loading refuses

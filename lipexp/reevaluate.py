@@ -8,16 +8,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lipexp.build import build_datamodule, build_evaluator, build_module
-from lipexp.checkpoint import load_run_checkpoint
+from lipexp.checkpoint import load_run_checkpoint, load_weights
 from lipexp.config import as_plain_dict, validate
 from lipexp.provenance import provenance
-from lipexp.runfolder import RunFolder
+from lipexp.runfolder import RunFolder, RunFolderError, read_results
+from lipexp.stopping import GracefulStop
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` with the checkpoint's own config; only ``eval``, ``attacks``
     and the output folder come from this command (and the data folder, when the one the run
-    was trained with does not exist here). The numbers equal the run's own evaluation."""
+    was trained with does not exist here). The numbers equal the run's own evaluation.
+
+    The output folder is the evaluation's own (by default ``<run>/eval/<attacks>-<time>``,
+    conf/hydra/default.yaml): one that holds a training run or a completed evaluation is
+    refused, so that nothing of the evaluated run is overwritten."""
     validate(cfg)
     if not cfg.ckpt_path:
         raise FileNotFoundError("mode=eval needs ckpt_path=PATH of a checkpoint")
@@ -32,13 +37,34 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
                "global_step": checkpoint.global_step, "config": as_plain_dict(run_cfg),
                "output_dir": str(folder.path.resolve()), "provenance": provenance(),
                "training_provenance": checkpoint.provenance}
-    with folder.record(entries) as results:
-        pl.seed_everything(run_cfg.seed, workers=True)
-        module = build_module(run_cfg)
-        module.load_state_dict(checkpoint.state_dict)
-        module.to("cuda" if torch.cuda.is_available() else "cpu")
-        data = build_datamodule(run_cfg)
-        data.setup("test")
-        results |= build_evaluator(run_cfg)(module.net, data, str(folder.path)) or {}
+    with folder.owned():
+        _refuse_to_overwrite(folder)
+        with folder.log_file(), GracefulStop(folder.path).handling(), \
+                folder.record(entries) as results:
+            _evaluate(cfg, folder, run_cfg, checkpoint, results)
     print(f"Run folder: {folder.path.resolve()}")
     return results
+
+
+def _refuse_to_overwrite(folder: RunFolder) -> None:
+    previous = read_results(folder.results)
+    if folder.checkpoints() or (previous is not None and previous.get("mode") != "eval"):
+        raise RunFolderError(f"{folder.path} holds a training run: mode=eval writes its own "
+                             "folder (the default, <run>/eval/<attacks>-<time>, or "
+                             "hydra.run.dir=ANOTHER_FOLDER)")
+    if previous is not None and previous.get("status") == "completed":
+        raise RunFolderError(f"{folder.path} holds a completed evaluation; choose another "
+                             "folder (hydra.run.dir=...) or delete it")
+
+
+def _evaluate(cfg: DictConfig, folder: RunFolder, run_cfg: DictConfig, checkpoint: Any,
+              results: dict[str, Any]) -> None:
+    """The evaluation itself, its numbers added to ``results``."""
+    folder.save_hydra_record(cfg)
+    pl.seed_everything(run_cfg.seed, workers=True)
+    module = build_module(run_cfg)
+    load_weights(module, checkpoint)
+    module.to("cuda" if torch.cuda.is_available() else "cpu")
+    data = build_datamodule(run_cfg)
+    data.setup("test")
+    results |= build_evaluator(run_cfg)(module.net, data, str(folder.path)) or {}

@@ -35,6 +35,7 @@ from lipexp.evaluation.curves import size_key
 from lipexp.evaluation.plots import draw_error_curve
 from lipexp.files import atomic_path
 from lipexp.naming import data_name, defence_name, defence_sort_key, model_name, run_label
+from lipexp.runfolder import RunFolder
 
 L2_ATTACK, LINF_ATTACK = "l2_pgd", "linf_pgd"  # the attacks of the tables (results.json names)
 # config keys whose differences between the seeds of one defence are expected (not flagged);
@@ -84,6 +85,20 @@ def _get(data: Any, *path: str) -> Any:
     return data
 
 
+def _median(attack: str) -> Callable[[dict], Any]:
+    """Getter of the median distance of ``attack``: +inf where results.json has a null median
+    with ``n_unbroken`` (more than half the images unbroken; strict JSON has no Infinity),
+    None where the entry is missing."""
+
+    def get(results: dict) -> Any:
+        entry = _get(results, "attacks", attack)
+        if isinstance(entry, dict) and entry.get("median", 0) is None and "n_unbroken" in entry:
+            return math.inf
+        return _get(entry, "median")
+
+    return get
+
+
 def _error_at(attack: str, size: float) -> Callable[[dict], Any]:
     """Getter of the error of ``attack`` at ``size``: from ``error_at``, else from the curve
     if ``size`` is one of its grid points (same size_key), else None."""
@@ -103,14 +118,13 @@ def _error_at(attack: str, size: float) -> Callable[[dict], Any]:
 ADVERSARIAL = (
     Stat("clean_error", "clean error (%)", lambda r: _get(r, "clean", "error"),
          scale=100, spec=".2f"),
-    Stat("l2_median", "median l2 distance", lambda r: _get(r, "attacks", L2_ATTACK, "median"),
-         best=max),
+    Stat("l2_median", "median l2 distance", _median(L2_ATTACK), best=max),
     Stat(f"l2_error_at_{size_key(0.1)}", "error (%) at l2 0.1", _error_at(L2_ATTACK, 0.1),
          scale=100, spec=".2f"),
     Stat(f"l2_error_at_{size_key(1.5)}", "error (%) at l2 1.5", _error_at(L2_ATTACK, 1.5),
          scale=100, spec=".2f"),
     Stat("linf_median", "median l-inf distance",
-         lambda r: _get(r, "attacks", LINF_ATTACK, "median"), best=max, per255=True),
+         _median(LINF_ATTACK), best=max, per255=True),
     Stat(f"linf_error_at_{size_key(8 / 255)}", "error (%) at l-inf 8/255",
          _error_at(LINF_ATTACK, 8 / 255), scale=100, spec=".2f"),
 )
@@ -167,7 +181,7 @@ class AttackColumn:
         norm = NORM_NAMES.get(self.norm, self.norm)
         if self.eps is None:
             return Stat(self.name, f"{self.name}: median {norm} distance",
-                        lambda r: _get(r, "attacks", self.name, "median"), best=max,
+                        _median(self.name), best=max,
                         per255=self.norm == "linf")
         return Stat(self.name, f"{self.name}: error (%) at {norm} "
                     f"{_size_text(self.norm, self.eps)}", _error_at(self.name, self.eps),
@@ -209,6 +223,10 @@ def find_runs(folder: Path) -> list[Run]:
         status = str(results.get("status", "no status"))
         if status == "completed" and not isinstance(results.get("config"), dict):
             status, results["error"] = "unreadable", "completed, but results.json has no config"
+        if status == "running" and RunFolder(path.parent).killed():
+            again = ("run the evaluation again" if results.get("mode") == "eval" else
+                     "resume=true continues it")
+            status, results["error"] = "killed", f"its process is gone (killed): {again}"
         runs.append(Run(path.parent, status, results, str(results.get("error", ""))))
     for hydra in folder.rglob(".hydra"):
         if hydra.is_dir() and not (hydra.parent / "results.json").exists():

@@ -1,7 +1,7 @@
 """OmegaConf resolvers used by conf/: run folder names and W&B run names and tags.
 
-``${run_dirname:...}`` (conf/hydra/default.yaml), ``${wandb_name:...}`` and
-``${wandb_tags:...}`` (conf/logger/wandb.yaml). The names themselves come from
+``${run_dir:...}`` (conf/hydra/default.yaml), ``${wandb_name:...}`` and ``${wandb_tags:...}``
+(conf/logger/wandb.yaml). The names themselves come from
 ``lipexp.naming``, which also names runs in reports.
 """
 
@@ -26,6 +26,30 @@ def run_dirname(override_dirname: str, max_len: int = 120) -> str:
         return name
     digest = hashlib.sha1(name.encode()).hexdigest()[:12]
     return f"{name[:max_len - 13]}~{digest}"
+
+
+def eval_dirname(ckpt_path: str | None, attacks: Any, stamp: str) -> str:
+    """The folder of ``mode=eval``: ``<run>/eval/<attack>+<attack>-<stamp>`` beside the
+    evaluated checkpoint's run (``<run>/checkpoints/x.ckpt``; else the checkpoint's own
+    folder), so that an evaluation never writes into the training run's files, and a new
+    one never into an older one's."""
+    from pathlib import Path
+
+    if not ckpt_path:
+        return "outputs/eval-without-ckpt_path"  # evaluate_checkpoint refuses it, clearly
+    ckpt = Path(str(ckpt_path))
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    names = "+".join(str(k) for k in attacks) if attacks else "no-attacks"
+    return str(run / "eval" / f"{names}-{stamp}")
+
+
+def run_dir(mode: str, override_dirname: str, ckpt_path: str | None, attacks: Any,
+            stamp: str) -> str:
+    """A job's folder: ``outputs/<run_dirname>`` for training, ``eval_dirname`` for
+    ``mode=eval``."""
+    if getattr(mode, "value", mode) == "eval":  # the Mode enum, or its name
+        return eval_dirname(ckpt_path, attacks, stamp)
+    return f"outputs/{run_dirname(override_dirname)}"
 
 
 def _plain(**sections: Any) -> dict:
@@ -63,7 +87,8 @@ def _deprecated(old: str, resolver: Callable) -> Callable:
     return alias
 
 
-RESOLVERS = {"run_dirname": run_dirname, "wandb_name": wandb_name, "wandb_tags": wandb_tags,
+RESOLVERS = {"run_dirname": run_dirname, "run_dir": run_dir, "wandb_name": wandb_name,
+             "wandb_tags": wandb_tags,
              "run_label": _deprecated("run_label", wandb_name),
              "defence_tags": _deprecated("defence_tags", wandb_tags)}
 

@@ -1,27 +1,51 @@
-"""A run folder's state, recorded in its results.json.
+"""A run folder's state and its rules.
 
-A folder belongs to the command that named it (conf/hydra/default.yaml): a completed run is
-not run again, an unfinished one continues only with ``resume=true``, and nothing in it is
-overwritten otherwise. While work is under way results.json says ``running``; it ends as
-``completed`` or, with the error, ``failed`` (``RunFolder.record``, used by training and by
-``mode=eval`` alike). Every write is atomic.
+A folder belongs to the command that named it (conf/hydra/default.yaml) and to one process
+at a time (``RunFolder.owned``: a lock file naming the owner). A completed run is not run
+again, and a different config is refused rather than answered with the old numbers; an
+unfinished run continues only with ``resume=true`` (or after a SLURM requeue) and only
+with the config it was started with (``config_differences``). Nothing in the folder is
+written before these checks pass, Hydra's ``.hydra/`` record included
+(``save_hydra_record``). While work is under way results.json says ``running``; it ends as
+``completed``, ``interrupted`` (Ctrl-C), ``terminated`` (SIGTERM) or ``failed`` with the
+error (``RunFolder.record``, used by training and ``mode=eval`` alike). Every write is
+atomic.
 """
 
+import fcntl
 import json
 import logging
-from collections.abc import Iterator
+import os
+import socket
+import sys
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lipexp.files import write_json_atomic
+from lipexp import __version__
+from lipexp.deprecations import RENAMED_KEYS, upgrade_run_config
+from lipexp.errors import Stopped
+from lipexp.files import atomic_path, write_json_atomic
 from lipexp.provenance import now
 
 log = logging.getLogger(__name__)
 
+# Config settings that may differ between a folder's run and a command continuing it: how
+# long to train, where the logs and data live, how the progress is shown, how often
+# checkpoints are written, and evaluation batch sizes (memory only). A name ending in "."
+# covers its section; any other name is the setting itself and its sub-keys. Anything else
+# changes the numbers.
+CHANGEABLE = ("trainer.max_epochs", "recipe.epochs", "resume", "name", "mode", "ckpt_path",
+              "paths.", "logger", "callbacks.", "trainer.enable_progress_bar",
+              "trainer.log_every_n_steps", "trainer.enable_model_summary",
+              "trainer.default_root_dir", "data.data_dir", "data.download",
+              "data.num_workers", "data.eval_batch_size", "eval.batch_size")
+
 
 class RunFolderError(RuntimeError):
-    """The run folder holds a run that this command would overwrite or cannot resume."""
+    """The run folder holds a run that this command would overwrite, change or cannot resume,
+    or another process owns it."""
 
 
 def read_results(path: str | Path) -> dict[str, Any] | None:
@@ -32,33 +56,254 @@ def read_results(path: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"lip.lam": 0.1, ...}``: a nested config as dotted keys and leaf values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            flat |= flat_config(value, dotted)
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _changeable(key: str, changeable: tuple[str, ...]) -> bool:
+    return any(key.startswith(c) if c.endswith(".") else key == c or key.startswith(c + ".")
+               for c in changeable)
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], older_version: bool,
+                       changeable: tuple[str, ...] = CHANGEABLE) -> list[str]:
+    """``["lip.lam: 0.1 -> 0.3", ...]``: the settings of ``new`` (a resolved run config) that
+    differ from ``old`` (the folder's, upgraded to today's names), except ``changeable``.
+
+    Settings that ``old`` lacks are a difference (``+trainer.accumulate_grad_batches=4``)
+    unless ``older_version``: a folder of an earlier lipexp lacks the settings added since.
+    Values that upgrading an old config fills in are not compared either.
+    """
+    raw = flat_config(old)
+    renamed = {RENAMED_KEYS[k] for k in raw if k in RENAMED_KEYS}
+    before = {k: v for k, v in flat_config(upgrade_run_config(dict(old))).items()
+              if k in raw or k in renamed}  # not what the upgrade filled in
+    after = flat_config(new)
+    keys = before.keys() | (set() if older_version else after.keys())
+    return [f"{k}: {before.get(k, '(absent)')!r} -> {after.get(k, '(absent)')!r}"
+            for k in sorted(keys) if not _changeable(k, changeable)
+            and before.get(k, "(absent)") != after.get(k, "(absent)")]
+
+
+def _read_lock(fd: int) -> dict[str, Any]:
+    """The owner recorded in an open lock file (empty if none or unreadable)."""
+    try:
+        owner = json.loads(os.pread(fd, 65536, 0) or b"{}")
+    except (json.JSONDecodeError, OSError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def requeued() -> bool:
+    """Whether this is a SLURM job restarted by a requeue (preemption, time limit): it
+    continues its folder as with ``resume=true``."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def stop_status(error: BaseException) -> str:
+    """results.json's status for a run that stopped with ``error``: ``interrupted`` for
+    Ctrl-C (a KeyboardInterrupt, or the exit Lightning makes of one), ``terminated`` for
+    SIGTERM (lipexp's or Lightning's handler), else ``failed``."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, Stopped):
+            return seen.status
+        if isinstance(seen, KeyboardInterrupt):
+            return "interrupted"
+        if isinstance(seen, SIGTERMException):
+            return "terminated"
+        seen = seen.__context__
+    return "failed"
+
+
 class RunFolder:
-    """``path/results.json`` and ``path/checkpoints/last.ckpt`` of one run."""
+    """``path/results.json``, ``path/checkpoints/`` and the owner's ``path/.lock``."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.results = self.path / "results.json"
-        self.last = self.path / "checkpoints" / "last.ckpt"
+        self.last = self.path / "checkpoints" / "last.ckpt"  # every epoch
+        self.lock = self.path / ".lock"
 
-    def completed_results(self, resume: bool) -> dict[str, Any] | None:
-        """The results of a completed run in this folder, or None when there is work to do;
-        RunFolderError for an unfinished run without ``resume``, or ``resume`` without one."""
+    # ------------------------------------------------------------------ owner
+
+    @contextmanager
+    def owned(self, write: bool = True) -> Iterator[None]:
+        """Hold the folder's lock for the block: an exclusive ``flock`` on ``.lock``, which
+        names the owner (host, pid, start, command).
+
+        A second process on the same folder gets ``RunFolderError`` naming the owner. The
+        operating system releases the lock when its process ends, however it ends (SIGKILL,
+        a node that went down): a ``.lock`` that names a process but is not locked is
+        stale, and is taken over with a warning. ``write=False`` (data-parallel ranks other
+        than 0, whose rank 0 holds the lock) does nothing.
+        """
+        if not write:
+            yield
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": now(),
+              "command": " ".join(sys.argv)}
+        while True:
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _read_lock(fd)
+                os.close(fd)
+                raise RunFolderError(
+                    f"{self.path} is in use by process {owner.get('pid', '?')} on "
+                    f"{owner.get('host', '?')} since {owner.get('since', '?')} "
+                    f"({owner.get('command', '?')}); wait for it to finish") from None
+            try:  # the file we locked must still be the folder's lock (not unlinked by its
+                same = os.stat(self.lock).st_ino == os.fstat(fd).st_ino  # last owner)
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        try:
+            previous = _read_lock(fd)
+            if previous.get("pid") is not None:
+                log.warning("%s: taking over the lock of process %s on %s, which ended without "
+                            "releasing it (%s)", self.path, previous.get("pid"),
+                            previous.get("host"), previous.get("command"))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            yield
+        finally:
+            self.lock.unlink(missing_ok=True)  # before unlocking: no one locks a stale file
+            os.close(fd)  # releases the flock
+
+    def killed(self) -> bool:
+        """Whether the run recorded here as ``running`` is gone: its lock names a process of
+        this host that no longer exists (killed with SIGKILL, or the machine went down),
+        so results.json could not be updated."""
+        owner = read_results(self.lock) or {}
+        return (owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int)
+                and not _alive(owner["pid"]))
+
+    # ------------------------------------------------------------------ checks
+
+    def checkpoints(self) -> list[Path]:
+        """The checkpoints a resumed run may start from, newest last: ``checkpoints/*.ckpt``
+        (last.ckpt every epoch, step.ckpt every ``callbacks.steps.every_n_train_steps``) and
+        the ``hpc_ckpt_*.ckpt`` Lightning writes on a SLURM requeue signal; best.ckpt is
+        not one (it may be older)."""
+        found = [*self.path.glob("checkpoints/*.ckpt"), *self.path.glob("hpc_ckpt_*.ckpt")]
+        found = [p for p in found if p.name != "best.ckpt" and p.is_file()]
+        return sorted(found, key=lambda p: p.stat().st_mtime_ns)
+
+    def completed_results(self, resume: bool,
+                          config: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """The results of a completed run in this folder, or None when there is work to do.
+
+        RunFolderError, with what to do, for: a completed run or an unfinished one whose
+        config differs from ``config`` (the resolved config of this command) in anything
+        but the ``CHANGEABLE`` settings; an unfinished run without ``resume``; ``resume``
+        without a checkpoint.
+        """
         previous = read_results(self.results)
+        recorded = previous.get("config") if isinstance(previous, dict) else None
+        if config is not None and isinstance(recorded, dict):
+            version = (previous.get("provenance") or {}).get("lipexp")
+            changed = config_differences(recorded, config, older_version=version != __version__)
+            if changed:
+                what = ("completed" if previous.get("status") == "completed" else
+                        "unfinished")
+                raise RunFolderError(
+                    f"{self.path} holds a {what} run with another config; this command "
+                    f"differs in: {'; '.join(changed)}. Use another folder (hydra.run.dir=...),"
+                    " or delete this one to start again")
         if previous is not None and previous.get("status") == "completed":
             log.info("%s is already completed; nothing to do (delete it to run again)",
                      self.path)
             return previous
-        if resume and not self.last.exists():
+        if resume and not self.checkpoints():
             raise RunFolderError(f"resume=true but there is no {self.last} to resume from")
-        if not resume and self.last.exists():
+        if not resume and self.checkpoints():
             raise RunFolderError(
-                f"{self.path} holds an unfinished run ({self.last}); pass resume=true to "
-                "continue it, or delete the folder to start again")
+                f"{self.path} holds an unfinished run ({self.checkpoints()[-1]}); pass "
+                "resume=true to continue it, or delete the folder to start again")
         return None
 
     def resume_checkpoint(self, resume: bool) -> str | None:
-        """The checkpoint that ``trainer.fit`` continues from: last.ckpt with ``resume``."""
-        return str(self.last) if resume else None
+        """The checkpoint that ``trainer.fit`` continues from with ``resume``: the newest that
+        reads as a checkpoint (a damaged one is skipped with a warning; none readable is a
+        RunFolderError naming them)."""
+        from lipexp.checkpoint import CheckpointError, read_checkpoint  # imports torch
+
+        if not resume:
+            return None
+        damaged = []
+        for path in reversed(self.checkpoints()):
+            try:
+                read_checkpoint(path)
+            except CheckpointError as e:
+                log.warning("%s: continuing from an older checkpoint", e)
+                damaged.append(str(e))
+                continue
+            return str(path)
+        raise RunFolderError(f"{self.path}: no readable checkpoint to resume from "
+                             f"({'; '.join(damaged) or 'none'})")
+
+    # ------------------------------------------------------------------ records
+
+    def save_hydra_record(self, cfg: Any) -> None:
+        """Hydra's record of the command, ``.hydra/{config,hydra,overrides}.yaml`` (``cfg``
+        is the job's config), written here once the folder's checks have passed:
+        conf/hydra/default.yaml turns Hydra's own writing off, which comes before any check,
+        so that a refused command cannot overwrite the record of the folder's run. Nothing
+        outside a Hydra job."""
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        if not HydraConfig.initialized():
+            return
+        hydra = HydraConfig.get()
+        records = {"config.yaml": cfg, "hydra.yaml": OmegaConf.create({"hydra": hydra}),
+                   "overrides.yaml": OmegaConf.create(list(hydra.overrides.task))}
+        for name, node in records.items():
+            with atomic_path(self.path / ".hydra" / name) as tmp:
+                OmegaConf.save(node, tmp)
+
+    @contextmanager
+    def log_file(self, write: bool = True) -> Iterator[None]:
+        """Python's log records of the block also go to ``run.log`` in the folder (in Hydra's
+        format), opened only now, after the folder's checks. ``write=False``: not."""
+        if not write:
+            yield
+            return
+        handler = logging.FileHandler(self.path / "run.log")
+        handler.setFormatter(logging.Formatter(
+            "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        try:
+            yield
+        finally:
+            root.removeHandler(handler)
+            handler.close()
 
     @contextmanager
     def record(self, entries: dict[str, Any], write: bool = True) -> Iterator[dict[str, Any]]:
@@ -66,9 +311,10 @@ class RunFolder:
 
         Yields the results dict, ``{"status": "running", **entries, "started": ...}``, written
         at once; the block adds its numbers to it. On leaving: ``status: completed``, or on
-        any exception (KeyboardInterrupt included) ``status: failed`` with the error, which is
-        then re-raised; ``finished`` in both cases. ``write=False`` (data-parallel ranks
-        other than 0) records nothing.
+        an exception the status of ``stop_status`` (``interrupted``, ``terminated`` or
+        ``failed``) with the error and, when a checkpoint exists, how to continue; the
+        exception is then re-raised. ``finished`` in every case. ``write=False``
+        (data-parallel ranks other than 0) records nothing.
         """
         results: dict[str, Any] = {"status": "running", **entries, "started": now()}
         if write:
@@ -76,7 +322,10 @@ class RunFolder:
         try:
             yield results
         except BaseException as e:  # recorded, then re-raised: the folder says why it stopped
-            results.update(status="failed", error=f"{type(e).__name__}: {e}", finished=now())
+            results.update(status=stop_status(e), error=f"{type(e).__name__}: {e}",
+                           finished=now())
+            if entries.get("mode") != "eval" and (found := self.checkpoints()):
+                results["continue"] = f"resume=true continues from {found[-1]}"
             raise
         else:
             results.update(status="completed", finished=now())

@@ -13,7 +13,9 @@ from lipexp.ddp_launch import job_scope
 from lipexp.evaluation.callback import RobustnessEvaluation
 from lipexp.loggers import closing_logger
 from lipexp.provenance import provenance
-from lipexp.runfolder import RunFolder
+from lipexp.resume import RunState
+from lipexp.runfolder import RunFolder, requeued
+from lipexp.stopping import GracefulStop
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +24,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, test and evaluate one configuration in ``cfg.paths.output_dir``; returns the
     results that results.json holds (see lipexp.runfolder for the folder's rules)."""
     folder, rank_zero = RunFolder(cfg.paths.output_dir), rank_zero_only.rank == 0
-    if (previous := folder.completed_results(cfg.resume)) is not None:
-        return previous
+    resume = cfg.resume or (requeued() and bool(folder.checkpoints()))
+    with folder.owned(write=rank_zero):  # one process per folder (its other ranks aside)
+        previous = folder.completed_results(resume, as_plain_dict(cfg))
+        if previous is not None:
+            return previous
+        if rank_zero:
+            folder.save_hydra_record(cfg)
+        with folder.log_file(write=rank_zero):
+            return _train(cfg, folder, resume, rank_zero)
+
+
+def _train(cfg: DictConfig, folder: RunFolder, resume: bool, rank_zero: bool) -> dict[str, Any]:
     entries = {"config": as_plain_dict(cfg), "output_dir": str(folder.path.resolve()),
                "provenance": provenance()}
     evaluated: list[dict | None] = []  # the end-of-training evaluation (results on rank 0)
@@ -31,12 +43,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         validate(cfg)  # the schemas' range checks, before any work
         pl.seed_everything(cfg.seed, workers=True)
         module, data, evaluator = build_module(cfg), build_datamodule(cfg), build_evaluator(cfg)
+        stop = GracefulStop(folder.path / "checkpoints" / "step.ckpt")
         callback = RobustnessEvaluation(evaluator, str(folder.path), on_done=evaluated.append)
-        trainer = build_trainer(cfg, module, [callback])
-        with closing_logger(trainer.logger) as logger:
+        trainer = build_trainer(cfg, module, [stop, RunState(), callback])
+        with stop.handling(), closing_logger(trainer.logger) as logger:
             if logger:
                 logger.log_hyperparams(module.config)
-            trainer.fit(module, datamodule=data, ckpt_path=folder.resume_checkpoint(cfg.resume))
+            trainer.fit(module, datamodule=data, ckpt_path=folder.resume_checkpoint(resume),
+                        weights_only=True)  # a checkpoint is data, never code
             if not evaluated and not trainer.fast_dev_run:
                 # A resumed run whose training had finished: Lightning skips the fit loop and
                 # its on_train_end, so evaluate here (after fit, the module is on the CPU).
@@ -44,7 +58,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 evaluated.append(evaluator(module.net, data, str(folder.path), logger))
             (test,) = trainer.test(module, datamodule=data, verbose=False)
         results["trained"] = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
-        results["clean"] = {"error": 1.0 - test["test/acc"], "loss": test["test/loss"]}
+        results["clean"] = {"error": 1.0 - test["test/acc"], "loss": test["test/loss"],
+                            "n_images": data.num_test}  # the whole test split
         results["data"] = {"n_train": data.num_train, "n_test": data.num_test}
         if evaluated and evaluated[0] is not None:  # rank 0, unless fast_dev_run
             results |= evaluated[0]

@@ -1,5 +1,6 @@
 """Shared fixtures: Hydra configs composed from conf/ (as run.py does), tiny models."""
 
+import json
 import os
 from pathlib import Path
 
@@ -13,6 +14,19 @@ os.environ.setdefault("WANDB_MODE", "disabled")  # tests never reach the network
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"  # real MNIST etc.; never copied into the repo
 register()
+
+
+def _reject(token: str):
+    raise ValueError(f"{token} is not JSON")
+
+
+@pytest.fixture(autouse=True)
+def results_are_strict_json(tmp_path):
+    """Every results.json a test leaves under its tmp_path parses as strict JSON: no NaN or
+    Infinity tokens, which most JSON readers reject (lipexp.files.strict_json)."""
+    yield
+    for path in tmp_path.rglob("results.json"):
+        json.loads(path.read_text(), parse_constant=_reject)
 
 
 @pytest.fixture

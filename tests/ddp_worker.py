@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import lipexp.defences.lipschitz as lipschitz
 from lipexp.defences.adversarial import l2_gradient_step, no_perturbation, signed_gradient_step
+from lipexp.defences.finite_difference import share_adversarial_passes
 
 B, N_IN, K = 8, 12, 4  # global batch, input dimension, classes
 
@@ -18,6 +19,13 @@ CASES = {  # name -> (perturbation, objective settings)
     "J2-Lip2": (partial(l2_gradient_step, eps=0.3, clip=False), {"dual_norm": 2}),
     "J1-Lip1": (partial(signed_gradient_step, eps=0.3, clip=False),
                 {"dual_norm": 1, "lam_over_sqrt_n": True}),
+    # the finite-difference estimate: its max is the synchronized max of the estimates
+    "J2-Lip2-fd": (partial(l2_gradient_step, eps=0.3, clip=False),
+                   {"dual_norm": 2, "method": "fd", "h": 0.05}),
+    "J1-Lip1-fd": (partial(signed_gradient_step, eps=0.3, clip=False),
+                   {"dual_norm": 1, "lam_over_sqrt_n": True, "method": "fd", "h": 0.05}),
+    "J2-Lip2-fd-reuse": (partial(l2_gradient_step, eps=0.3, clip=False),
+                         {"dual_norm": 2, "method": "fd", "h": 0.3, "reuse_adv_gradient": True}),
 }
 
 
@@ -47,6 +55,8 @@ class Step(nn.Module):
 def step_gradients(case: str, scaling: str, x, y, distributed: bool):
     perturb, kwargs = CASES[case]
     objective = partial(lipschitz.penalized_cross_entropy, lam=0.7, scaling=scaling, **kwargs)
+    if kwargs.get("reuse_adv_gradient"):  # as lipexp.build.build_module composes it
+        perturb, objective = share_adversarial_passes(perturb, objective)
     step = Step(make_model(), perturb, objective)
     module = DistributedDataParallel(step) if distributed else step
     loss, logs = module(x, y)

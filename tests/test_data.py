@@ -220,3 +220,68 @@ def test_datamodule_validation():
         _digits_module(batch_size=0)
     with pytest.raises(ValueError, match="data.cutout must be >= 0"):
         _digits_module(cutout=-1)
+
+
+# ---------------------------------------------------------------- batch loader
+
+
+def _fit_loader(dm):
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm.train_dataloader()
+
+
+def test_batch_loader_yields_the_batches_of_a_tensor_dataset_loader():
+    """Same seed, same batches as the former per-image loader (TensorDataset + collate)."""
+    dm = _digits_module(batch_size=100)
+    loader = _fit_loader(dm)
+    x, y = dm._train.tensors
+    old = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=100,
+                                      shuffle=True, drop_last=True)
+    torch.manual_seed(7)
+    new_batches = list(loader)
+    torch.manual_seed(7)
+    old_batches = list(old)
+    assert len(new_batches) == len(old_batches) == 1437 // 100
+    for (xn, yn), (xo, yo) in zip(new_batches, old_batches, strict=True):
+        assert torch.equal(xn, xo) and torch.equal(yn, yo)
+
+
+def test_batch_loader_covers_each_image_once_and_drops_the_last_partial_batch():
+    dm = _digits_module(batch_size=100)
+    loader = _fit_loader(dm)
+    x = dm._train.tensors[0].flatten(1)
+    seen = []
+    for xb, yb in loader:
+        assert xb.shape == (100, 1, 8, 8) and yb.shape == (100,)
+        # each row of the batch is the image whose index the row matches
+        seen += [int((x == row).all(1).nonzero()[0]) for row in xb.flatten(1)]
+    assert len(seen) == len(set(seen)) == 1400  # 14 full batches; the 37 left are dropped
+    torch.manual_seed(1)
+    first = next(iter(loader))[1]
+    torch.manual_seed(2)
+    assert not torch.equal(first, next(iter(loader))[1])  # reshuffled each epoch
+
+
+def test_batch_loader_reads_whole_batches(monkeypatch):
+    """One gather per batch: __getitem__ (one image) is never called while training."""
+    from lipexp.data.datamodule import InMemoryImages
+
+    dm = _digits_module(batch_size=64)
+    loader = _fit_loader(dm)
+    monkeypatch.setattr(InMemoryImages, "__getitem__",
+                        lambda self, i: pytest.fail("per-image read"))
+    assert sum(len(yb) for _, yb in loader) == 1437 // 64 * 64
+    assert sum(len(yb) for _, yb in dm.val_dataloader()) == 360
+
+
+def test_a_batch_larger_than_the_set_is_kept_whole():
+    dm = _digits_module(batch_size=5000)
+    (xb, yb), = list(_fit_loader(dm))
+    assert len(yb) == 1437
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without GPU")
+def test_on_device_without_gpu_is_refused():
+    with pytest.raises(ValueError, match="data.on_device=true"):
+        _digits_module(on_device=True)

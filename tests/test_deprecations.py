@@ -70,7 +70,8 @@ def test_old_run_configs_are_upgraded():
     new = upgrade_run_config(old)
     assert new["adv"]["_target_"] == "lipexp.defences.adversarial.signed_gradient_step"
     assert new["lip"] == {"_target_": "lipexp.defences.lipschitz.penalized_cross_entropy",
-                          "dual_norm": 1}
+                          "dual_norm": 1,  # and the settings added since, as they ran then:
+                          "h": 0.01, "reuse_adv_gradient": False}  # the exact penalty
     assert new["scheduler"] == CONSTANT_LR
     assert new["eval"]["_target_"] == "lipexp.evaluation.runner.Evaluator"
     assert new["attacks"] == {

@@ -53,7 +53,7 @@ def test_vanishing_threshold_and_no_correct_image():
     assert vanishing_gradient_fraction(per_example, wrong, threshold=1e-5) == 0.5
     assert vanishing_gradients(per_example, wrong, threshold=1e-5)
     everything_wrong = torch.ones(4, dtype=torch.bool)
-    assert math.isnan(vanishing_gradient_fraction(per_example, everything_wrong))
+    assert vanishing_gradient_fraction(per_example, everything_wrong) is None
     assert vanishing_gradients(per_example, everything_wrong) == []
 
 

@@ -111,8 +111,9 @@ def test_model_is_left_as_found_and_channels_last_evaluates():
         assert torch.equal(v, state[k]), k
     model.eval()
     with torch.no_grad():
-        assert ev.results["clean_error"] == (model(x).argmax(1) != y).double().mean().item()
-    assert ev.results["attacks"]["l2_pgd"]["error_at"]["0"] == ev.results["clean_error"]
+        clean_error = ev.results["evaluation"]["clean_error"]
+        assert clean_error == (model(x).argmax(1) != y).double().mean().item()
+    assert ev.results["attacks"]["l2_pgd"]["error_at"]["0"] == clean_error
     model.train()
     model[1].eval()
 

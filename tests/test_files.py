@@ -1,6 +1,8 @@
 """Atomic writes: the target is replaced whole or not at all, with an ordinary file mode."""
 
 import json
+import logging
+import math
 import os
 import stat
 
@@ -35,3 +37,20 @@ def test_files_get_the_mode_of_any_new_file(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o640  # not mkstemp's 0600
+
+
+def test_json_is_written_strict_and_unexplained_nulls_are_reported(tmp_path, caplog):
+    path = tmp_path / "results.json"
+    data = {"attacks": {"l2_pgd": {"median": math.inf, "n_unbroken": 7}},
+            "clean": {"loss": np.float32("nan")}, "ok": [1.5, -math.inf]}
+    with caplog.at_level(logging.WARNING, logger="lipexp.files"):
+        write_json_atomic(path, data)
+
+    def reject(token):
+        raise ValueError(token)
+
+    saved = json.loads(path.read_text(), parse_constant=reject)
+    assert saved == {"attacks": {"l2_pgd": {"median": None, "n_unbroken": 7}},
+                     "clean": {"loss": None}, "ok": [1.5, None]}
+    assert "clean.loss, ok[1]" in caplog.text and "median" not in caplog.text
+    assert data["attacks"]["l2_pgd"]["median"] == math.inf  # the caller's data is untouched

@@ -89,3 +89,19 @@ def test_bad_attack_settings_fail_before_training(make_cfg, override):
     extra = ["attacks.linf_autoattack.version=standart"] if "autoattack" in override else []
     with pytest.raises(Exception, match="steps|targets|version"):
         build(make_cfg(override, *extra))
+
+
+def test_throughput_is_logged_and_shown(make_cfg, monkeypatch):
+    """train/images_per_s = batch size / seconds between step starts (clock faked: 0.5 s)."""
+    import lipexp.module as module_file
+
+    clock = iter(range(1000))
+    monkeypatch.setattr(module_file, "perf_counter", lambda: 0.5 * next(clock))
+    cfg = make_cfg("trainer.max_epochs=1", "+trainer.limit_train_batches=3", "logger=none",
+                   "model.width=4", "adv=j0", "lip=none", "eval.n_images=2",
+                   "attacks=[l2_pgd]", "attacks.l2_pgd.steps=1", "attacks.l2_pgd.targets=0")
+    module, datamodule, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    expected = cfg.data.batch_size / 0.5
+    assert trainer.callback_metrics["train/images_per_s"] == pytest.approx(expected)
+    assert trainer.progress_bar_metrics["train/images_per_s"] == pytest.approx(expected)

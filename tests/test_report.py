@@ -15,6 +15,7 @@ from matplotlib.image import imread
 
 from lipexp.cli import main
 from lipexp.evaluation.curves import size_key
+from lipexp.files import write_json_atomic
 from lipexp.naming import STUDY_ORDER, data_name, defence_name, model_name, run_label
 from lipexp.report import report
 
@@ -122,8 +123,7 @@ def results_json(config, clean, l2, linf, stab, status="completed", linf_error_a
         "provenance": {"lipexp_commit": "0" * 40, "python": "3.11.7"},
         "clean": {"error": clean, "loss": 0.3},
         "data": {"n_train": 50000, "n_test": 10000},
-        "evaluation": {"n_images": 1000, "batch_size": 500, "bf16": False},
-        "clean_error": clean,
+        "evaluation": {"n_images": 1000, "clean_error": clean, "batch_size": 500, "bf16": False},
         "attacks": {
             "l2_pgd": attack("l2", l2[0], EPS, l2[1], [0.0, 0.1, 0.5, 1.5]),
             "linf_pgd": attack("linf", linf[0], LINF_EPS, linf[1],
@@ -144,7 +144,7 @@ def write_run(root: Path, job: str, results: dict | None) -> Path:
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
     if results is not None:
-        (folder / "results.json").write_text(json.dumps(results, indent=2))  # inf: Infinity
+        write_json_atomic(folder / "results.json", results)  # strict: an inf median is null
     return folder
 
 

@@ -91,7 +91,7 @@ def test_wandb_offline_run_holds_the_evaluation(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     keys = summary_keys(tmp_path)
     for key in ["test/l2_pgd_median", "test/linf_pgd_median", "test/l2_pgd_error@0.1",
-                "test/clean_error", "test/grad_loss_l2_max", "test/jac_2_inf_max",
+                "test/eval_clean_error", "test/grad_loss_l2_max", "test/jac_2_inf_max",
                 "test/error_curves/_type", "test/error_curves_plot/_type", "train/penalty"]:
         assert key in keys, key
     run = run_record(tmp_path)

@@ -17,7 +17,12 @@ from torchvision.datasets.utils import check_integrity, extract_archive
 
 
 class DataNotFoundError(FileNotFoundError):
-    """A data set's files are missing (or corrupted) and could not be downloaded."""
+    """A data set's files are missing and could not be downloaded."""
+
+
+class DataCorruptError(ValueError):
+    """A data set's files are there but cannot be read: damaged, truncated or not the
+    official files (their checksums differ)."""
 
 
 @dataclass(frozen=True)
@@ -74,10 +79,19 @@ def _torchvision(cls: type, data_dir: str, download: bool) -> ImageArrays:
     try:
         # .data/.targets directly: no per-item PIL conversion or transforms.
         splits = [cls(root=root, train=train, download=download) for train in (True, False)]
-    except (RuntimeError, OSError) as err:
-        # Offline, torchvision raises RuntimeError ("Dataset not found", or MNIST's
-        # "Error downloading ...") or, for CIFAR with download=True, urllib's URLError.
+    except (RuntimeError, OSError, ValueError, AssertionError) as err:
+        # Offline, torchvision raises RuntimeError ("Dataset not found or corrupted", or
+        # MNIST's "Error downloading ...") or, for CIFAR with download=True, urllib's
+        # URLError; a damaged file raises one of these too: say which it is.
         folder, files = _expected_files(cls, root)
+        if all(_present(folder, f) for f in files):
+            bad = [f for f, md5 in _checksums(cls) if os.path.exists(os.path.join(folder, f))
+                   and not check_integrity(os.path.join(folder, f), md5)]
+            raise DataCorruptError(
+                f"{cls.__name__} files in {folder} are corrupt"
+                + (f" (checksum differs from the official file: {', '.join(bad)})" if bad
+                   else "") + ": delete them and download again (download=True with network "
+                f"access). Original error: {type(err).__name__}: {err}") from err
         raise DataNotFoundError(
             f"{cls.__name__} data not found in {folder} (expected files: {', '.join(files)}). "
             f"Run once with network access and download=True, or place the files there. "
@@ -102,8 +116,25 @@ def _extract_mnist_archives(cls: type, root: str) -> None:
     raw = os.path.join(root, cls.__name__, "raw")
     for filename, md5 in cls.resources:
         archive = os.path.join(raw, filename)
-        if not os.path.exists(os.path.splitext(archive)[0]) and check_integrity(archive, md5):
-            extract_archive(archive, raw)
+        if os.path.exists(os.path.splitext(archive)[0]) or not os.path.exists(archive):
+            continue
+        if not check_integrity(archive, md5):
+            raise DataCorruptError(f"{archive} is corrupt (its checksum differs from the "
+                                   "official file's): delete it and download it again")
+        extract_archive(archive, raw)
+
+
+def _present(folder: str, name: str) -> bool:
+    """Whether ``name`` is in ``folder``, or (MNIST's archives) its extracted version."""
+    path = os.path.join(folder, name)
+    return os.path.exists(path) or (name.endswith(".gz") and os.path.exists(path[:-3]))
+
+
+def _checksums(cls: type) -> list[tuple[str, str]]:
+    """``(file name, md5)`` of the official files of ``cls``, as torchvision lists them."""
+    if issubclass(cls, tvd.MNIST):
+        return list(cls.resources)
+    return [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
 
 
 def _expected_files(cls: type, root: str) -> tuple[str, list[str]]:

@@ -6,38 +6,31 @@ its settings (``_partial_``); ``x`` is the (possibly perturbed) training batch a
 is in train mode, as in the authors' code (batch normalization uses batch statistics).
 
 The penalty needs each example's input-gradient norm ``||grad_x l(x_i)||_*``. How it is
-obtained is an estimator, ``(model, x, y, dual_norm) -> GradNorms``: the estimator runs the
-forward pass itself, so that estimators which need the model and the labels again (the
-finite-difference estimate of docs/method.md evaluates the loss at a second point) fit the
-same interface as double backpropagation.
+obtained is an estimator, ``(model, x, y, dual_norm, h) -> GradNorms`` (``lip.method``):
+the estimator runs the forward pass itself, so that the finite-difference estimate
+(``lip.method=fd``, lipexp.defences.finite_difference), which evaluates the loss at a second
+point ``h`` away, fits the same interface as double backpropagation (``exact``).
 """
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lipexp.config import Method, Scaling
+from lipexp.defences.finite_difference import fd_grad_norms
+from lipexp.defences.grad_norms import GradNormEstimator, GradNorms
 from lipexp.distributed import gather_batch
 
-
-@dataclass(frozen=True)
-class GradNorms:
-    """What an estimator returns for a batch of B examples and K classes."""
-
-    losses: Tensor  # (B,) l(x_i) = CE(f(x_i), y_i), differentiable w.r.t. the parameters
-    logits: Tensor  # (B, K) f(x_i)
-    norms: Tensor  # (B,) ||grad_x l(x_i)||_dual_norm, differentiable w.r.t. the parameters
+__all__ = ["ESTIMATORS", "GradNormEstimator", "GradNorms", "cross_entropy",
+           "exact_grad_norms", "needs_double_backward", "penalized", "penalized_cross_entropy"]
 
 
-GradNormEstimator = Callable[[nn.Module, Tensor, Tensor, int], GradNorms]
-
-
-def exact_grad_norms(model: nn.Module, x: Tensor, y: Tensor, dual_norm: int) -> GradNorms:
-    """``||grad_x l(x_i)||_dual_norm`` for each i by double backpropagation.
+def exact_grad_norms(model: nn.Module, x: Tensor, y: Tensor, dual_norm: int,
+                     h: float | None = None) -> GradNorms:
+    """``||grad_x l(x_i)||_dual_norm`` for each i by double backpropagation (``h`` unused).
 
     The gradient of the SUM of the losses gives each example its own gradient (plus, in
     train mode, the small coupling that batch normalization introduces between examples,
@@ -52,8 +45,9 @@ def exact_grad_norms(model: nn.Module, x: Tensor, y: Tensor, dual_norm: int) -> 
     return GradNorms(losses, logits, norms)
 
 
-# lip.method -> estimator. The finite-difference estimate (lip.method=fd) is the next entry.
-ESTIMATORS: dict[Method, GradNormEstimator] = {Method.exact: exact_grad_norms}
+# lip.method -> estimator (lipexp.defences.finite_difference for fd).
+ESTIMATORS: dict[Method, GradNormEstimator] = {Method.exact: exact_grad_norms,
+                                               Method.fd: fd_grad_norms}
 
 
 def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
@@ -78,24 +72,51 @@ def penalized_cross_entropy(
     target: float | None = None,
     squared: bool = False,
     method: Method | str = Method.exact,
+    h: float = 0.01,
+    reuse_adv_gradient: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``J = mean_i l(x_i) + w * h(L)``: the study's worst-case (WCAT) Lipschitz penalty.
 
     - ``l(x) = CE(f(x), y)``; ``L = max_i ||grad_x l(x_i)||_dual_norm`` over the WHOLE
       batch, across all data-parallel ranks (per-example units, as logged in
-      ``grad_norm_max``); the norms come from the estimator of ``method``.
+      ``grad_norm_max``); the norms come from the estimator of ``method`` (``h``: the
+      finite-difference step of ``fd``, l2 size in pixels).
     - ``h(L) = L``; with a ``target`` L0 the hinge ``max(0, L - L0)``; squared if ``squared``.
     - ``w = lam``, or ``lam / sqrt(n)`` with ``lam_over_sqrt_n`` (Lip1; n = C*H*W); divided by
       the global batch size B when ``scaling=batch_mean`` (as the authors' code, whose
       penalty is the gradient of the batch-MEAN loss: ``h(L) / B`` for the plain max).
 
     Logs the raw per-example norms (``grad_norm_max``/``grad_norm_mean``, unscaled, global).
+    ``reuse_adv_gradient`` (fd sharing J1/J2's passes) is composed by
+    ``lipexp.build.build_module`` from ``finite_difference.adversarial_fd_objective``; this
+    function, which only sees the perturbed batch, refuses it.
     """
-    est = ESTIMATORS[Method(method)](model, x, y, dual_norm)
+    if reuse_adv_gradient:
+        raise ValueError("lip.reuse_adv_gradient=true needs the clean batch: build the "
+                         "objective with lipexp.build.build_module (adversarial_fd_objective)")
+    est = ESTIMATORS[Method(method)](model, x, y, dual_norm, h)
+    return penalized(est, y, n=x[0].numel(), dual_norm=dual_norm, lam=lam,
+                     lam_over_sqrt_n=lam_over_sqrt_n, scaling=scaling, target=target,
+                     squared=squared)
+
+
+def penalized(
+    est: GradNorms,
+    y: Tensor,
+    n: int,
+    dual_norm: int,
+    lam: float,
+    lam_over_sqrt_n: bool = False,
+    scaling: Scaling | str = Scaling.batch_mean,
+    target: float | None = None,
+    squared: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(J, logs)`` of ``penalized_cross_entropy`` from an estimator's output; ``n`` is the
+    input dimension (C*H*W) of Lip1's weight ``lam / sqrt(n)``."""
     norms = gather_batch(est.norms)  # (B_global,)
     largest = norms.max()
     excess = largest if target is None else (largest - target).clamp_min(0.0)
-    weight = lam / math.sqrt(x[0].numel()) if lam_over_sqrt_n else lam
+    weight = lam / math.sqrt(n) if lam_over_sqrt_n else lam
     if Scaling(scaling) is Scaling.batch_mean:
         weight = weight / norms.numel()
     penalty = weight * (excess.square() if squared else excess)

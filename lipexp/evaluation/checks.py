@@ -16,11 +16,14 @@ MAX_VANISHED = 0.01  # largest fraction of vanished gradients that passes
 
 
 def vanishing_gradient_fraction(per_example: Mapping[str, Tensor], clean_wrong: Tensor,
-                                threshold: float = VANISHING) -> float:
+                                threshold: float = VANISHING) -> float | None:
     """``#{i correct : ||grad_x l(x_i)||_2 < threshold} / #{i correct}`` over the correctly
-    classified images (NaN when there is none); ``per_example["grad_loss_l2"]`` (N,) and
-    ``clean_wrong`` (N,) bool, as stability.py and the clean check give them."""
+    classified images (None when there is none: no fraction to report);
+    ``per_example["grad_loss_l2"]`` (N,) and ``clean_wrong`` (N,) bool, as stability.py and
+    the clean check give them."""
     correct = ~clean_wrong
+    if not correct.any():
+        return None
     return (per_example["grad_loss_l2"][correct] < threshold).double().mean().item()
 
 
@@ -29,7 +32,7 @@ def vanishing_gradients(per_example: Mapping[str, Tensor], clean_wrong: Tensor,
     """A warning, with the fraction, when the input gradient of the loss vanishes on more
     than 1% of the correctly classified images: gradient-based attacks then see no way up."""
     vanished = vanishing_gradient_fraction(per_example, clean_wrong, threshold)
-    if not vanished > MAX_VANISHED:  # NaN (no correctly classified image) passes too
+    if vanished is None or vanished <= MAX_VANISHED:  # None: no correctly classified image
         return []
     return [f"the input gradient vanishes on {100 * vanished:.1f}% of correctly classified "
             "images: gradient-based attacks may be masked"]
@@ -62,7 +65,7 @@ def weak_attack_beats_reference(attacks: Mapping[str, DistanceAttack],
 
 def run_checks(attacks: Mapping[str, DistanceAttack], distances: Mapping[str, np.ndarray],
                per_example: Mapping[str, Tensor], clean_wrong: Tensor) -> dict:
-    """``{"warnings": [...], "vanishing_gradient_fraction": float}``, results.json's
+    """``{"warnings": [...], "vanishing_gradient_fraction": float | None}``, results.json's
     ``checks``: every check's warnings, and the fraction of vanished input gradients."""
     return {
         "warnings": (vanishing_gradients(per_example, clean_wrong)

@@ -86,8 +86,9 @@ def evaluate(
     clean_wrong = torch.cat([b["wrong"] for b in ordered])
 
     results: dict[str, Any] = {
-        "evaluation": {"n_images": len(x), "batch_size": batch_size, "bf16": bf16},
-        "clean_error": clean_wrong.double().mean().item(),
+        # the clean error of the evaluated images (results["clean"] is the whole test split's)
+        "evaluation": {"n_images": len(x), "clean_error": clean_wrong.double().mean().item(),
+                       "batch_size": batch_size, "bf16": bf16},
         "attacks": {},
         "stability": reduce_statistics(per_example),
     }

@@ -6,12 +6,14 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 
 
 def metrics(results: dict[str, Any]) -> dict[str, float]:
-    """Flat ``test/...`` summary numbers of an evaluation's results: ``test/clean_error``,
+    """Flat ``test/...`` summary numbers of an evaluation's results: ``test/eval_clean_error``
+    (the clean error of the ``eval.n_images`` evaluated images; Lightning's ``test/acc`` is
+    the whole test split's),
     ``test/<attack>_median``, ``test/<attack>_error@<size key>``, ``test/<statistic>_max``
     and ``_mean``, and with the Lipschitz analysis ``test/lipschitz_upper``,
     ``test/lipschitz_empirical``, ``test/lipschitz_ratio``, ``test/certified_<norm>_median``
     (errors as fractions, distances in the attack's norm)."""
-    out = {"test/clean_error": results["clean_error"]}
+    out = {"test/eval_clean_error": results["evaluation"]["clean_error"]}
     for name, a in results["attacks"].items():
         if "median" in a:
             out[f"test/{name}_median"] = a["median"]

@@ -11,6 +11,8 @@ from pytorch_lightning.loggers import Logger
 from torch import nn
 
 from lipexp.attacks.threat import Norm
+from lipexp.divergence import nonfinite_parameters
+from lipexp.errors import require
 from lipexp.evaluation.distance_attacks import DistanceAttack
 from lipexp.evaluation.evaluate import evaluate, write_outputs
 from lipexp.evaluation.loggers import log_evaluation
@@ -47,6 +49,10 @@ class Evaluator:
         error_curves.csv/png and distances.npz into ``output_dir`` and log the numbers to
         ``logger``. Returns the results (results.json's evaluation entries, with ``files``)
         on rank 0; the other data-parallel ranks attack their share and return None."""
+        broken = nonfinite_parameters(net)
+        require(not broken, f"the network has non-finite weights ({', '.join(broken[:3])}"
+                f"{', ...' if len(broken) > 3 else ''}): it diverged in training and is not "
+                "evaluated")
         x, y = datamodule.test_set()
         n = len(x) if self.n_images is None else min(self.n_images, len(x))
         log.info("robustness evaluation: %d images, attacks %s", n, list(self.attacks))

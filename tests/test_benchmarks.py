@@ -1,0 +1,75 @@
+"""benchmarks/step.py runs in a tiny configuration and writes the JSON the README's table
+is made from (no timing is asserted: benchmarks are not tests)."""
+
+import copy
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lipexp.build import build_module
+
+from .conftest import REPO
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("bench_step", REPO / "benchmarks" / "step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_benchmark_tiny_run_writes_its_json(tmp_path, one_thread):
+    bench = load_benchmark()
+    out = tmp_path / "bench.json"
+    bench.main(["--models", "small_cnn", "--defences", "j0,j2-lip2-fd", "--heads", "tanh",
+                "--steps", "2", "--warmup", "1", "--data-steps", "2", "--loader-seconds",
+                "0.05", "--threads", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert {"machine", "device", "torch", "batch_size", "precision", "threads", "steps",
+            "results", "loader_images_per_s", "loader_augment_images_per_s"} <= report.keys()
+    assert report["batch_size"] == 32 and report["device"] == "cpu"
+    assert [(r["model"], r["defence"], r["head"]) for r in report["results"]] == [
+        ("small_cnn", "j0", "tanh"), ("small_cnn", "j2-lip2-fd", "tanh")]
+    for r in report["results"]:
+        assert {"hand_ms", "lipexp_ms", "ratio_median", "ratio_q25_q75", "wall_ms",
+                "wall_over_compute"} <= r.keys()
+        assert r["steps"] == 2
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("hand_ms", "lipexp_ms",
+                                                               "ratio_median", "wall_ms"))
+    assert report["loader_images_per_s"] > 0
+
+
+@pytest.mark.parametrize("defence", ["j0", "j1", "j2-lip2", "j2-lip2-fd", "j0-lip1",
+                                     "j2-lip2-fd-reuse"])
+def test_hand_step_makes_lipexp_s_update(make_cfg, defence):
+    """The benchmark compares like with like: from the same weights, the hand-written step
+    and lipexp's perturbation + objective give the same SGD update (a model without batch
+    norm, so that eval and train mode agree)."""
+    bench = load_benchmark()
+    overrides = bench.DEFENCES[defence]
+    sizes = (["adv.eps=0.3"] if "adv=j0" not in overrides else []) + (
+        ["lip.h=0.05"] if "lip=none" not in overrides else [])
+    if "lip.reuse_adv_gradient=true" in overrides:
+        sizes = ["adv.eps=0.05", "lip.h=0.05"]
+    cfg = make_cfg(*overrides, *sizes)
+    module = build_module(cfg)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Softplus(), nn.Linear(16, 10))
+    net = net.double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,), generator=g)
+    start = copy.deepcopy(net.state_dict())
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    bench.hand_step(net, opt, x, y, bench.hand_settings(cfg),
+                    lambda: torch.autocast("cpu", enabled=False))
+    hand = [p.detach().clone() for p in net.parameters()]
+    net.load_state_dict(start)
+    loss, _ = module.objective(net, module.perturb(net, x, y), y)
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    for a, p, gr in zip(hand, net.parameters(), grads, strict=True):
+        torch.testing.assert_close(a, p.detach() - 0.1 * gr)

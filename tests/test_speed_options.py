@@ -1,0 +1,112 @@
+"""Mixed precision, memory layout and torch.compile: every defence trains a step under bf16
+autocast (CPU), the fd losses stay float32, and the model options build and train."""
+
+import pytest
+import torch
+from torch import nn
+
+from lipexp.defences.finite_difference import adversarial_fd_objective, fd_grad_norms
+
+from .conftest import build_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DEFENCES = [(adv, lip) for adv in ("j0", "j1", "j2")
+            for lip in ("none", "lip1", "lip2", "lip2-fd", "lip1-fd")]
+
+
+def lip_overrides(lip: str) -> list[str]:
+    name, _, method = lip.partition("-")
+    return [f"lip={name}"] + ([f"lip.method={method}"] if method else [])
+
+
+@pytest.mark.parametrize("adv,lip", DEFENCES, ids=["-".join(d) for d in DEFENCES])
+def test_every_defence_trains_a_step_in_bf16(make_cfg, adv, lip):
+    cfg = make_cfg(f"adv={adv}", *lip_overrides(lip), "trainer.precision=bf16-mixed",
+                   "trainer.fast_dev_run=true", "logger=none", "model.width=4")
+    module, datamodule, trainer = build_run(cfg)
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer.fit(module, datamodule=datamodule)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def conv_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Softplus(),
+                         nn.Flatten(), nn.Linear(4 * 36, 5))
+
+
+def test_fd_losses_are_float32_under_bf16_autocast():
+    model, x, y = conv_model(), torch.rand(8, 1, 6, 6), torch.randint(0, 5, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16  # autocast is on for the network ...
+        est = fd_grad_norms(model, x, y, 2, h=0.01)
+        loss, logs = adversarial_fd_objective(model, x, y, eps=0.01, clip=True, dual_norm=2,
+                                              lam=0.1)
+    # ... but not for the finite difference: network and losses in float32
+    assert est.logits.dtype == est.losses.dtype == est.norms.dtype == torch.float32
+    assert loss.dtype == logs["grad_norm_max"].dtype == torch.float32
+    plain = fd_grad_norms(model, x, y, 2, h=0.01)  # without autocast: the same numbers
+    torch.testing.assert_close(est.norms, plain.norms)
+
+
+def test_channels_last_stores_weights_and_activations_in_nhwc(make_cfg, tmp_path):
+    cfg = make_cfg("+model.channels_last=true", "trainer.fast_dev_run=true", "logger=none",
+                   "model.width=4")
+    module, datamodule, trainer = build_run(cfg)
+    convs = [m for m in module.net.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last)
+                         for c in convs)
+    # with one input channel both layouts coincide; with more NHWC is not NCHW
+    assert all(not c.weight.is_contiguous() for c in convs if c.in_channels > 1)
+    seen = []  # the input of the second convolution: 4 channels, NHWC from the first's weight
+    convs[1].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    trainer.fit(module, datamodule=datamodule)
+    assert seen and all(x.is_contiguous(memory_format=torch.channels_last)
+                        and not x.is_contiguous() for x in seen)
+    plain, _, _ = build_run(make_cfg("model.width=4"))
+    assert module.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_compile_with_the_exact_penalty_warns_and_trains_uncompiled(make_cfg):
+    cfg = make_cfg("+model.compile=true", "lip=lip2", "trainer.fast_dev_run=true",
+                   "logger=none", "model.width=4")
+    with pytest.warns(UserWarning, match="cannot differentiate twice"):
+        module, datamodule, trainer = build_run(cfg)
+    assert module.__dict__["_train_net"] is module.net
+    trainer.fit(module, datamodule=datamodule)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_compile_with_fd_compiles_the_training_network_only(make_cfg):
+    cfg = make_cfg("+model.compile=true", "lip=lip2", "lip.method=fd", "model.width=4")
+    module, _, _ = build_run(cfg)
+    compiled = module.__dict__["_train_net"]
+    assert compiled is not module.net and compiled._orig_mod is module.net
+    plain, _, _ = build_run(make_cfg("model.width=4"))
+    assert module.state_dict().keys() == plain.state_dict().keys()  # checkpoints unchanged
+
+
+@pytest.mark.slow
+def test_compiled_fd_training_runs(make_cfg):
+    cfg = make_cfg("+model.compile=true", "lip=lip2", "lip.method=fd",
+                   "trainer.fast_dev_run=true", "logger=none", "model.width=4")
+    module, datamodule, trainer = build_run(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_device_data_trains_on_the_gpu_in_bf16(make_cfg):
+    """data.on_device=true: the training set lives on the GPU and batches come from there."""
+    cfg = make_cfg("trainer=gpu", "data.on_device=true", "trainer.precision=bf16-mixed",
+                   "lip=lip2", "lip.method=fd", "trainer.fast_dev_run=true", "logger=none",
+                   "model.width=4")
+    module, datamodule, trainer = build_run(cfg)
+    seen = []
+    module.net.register_forward_pre_hook(lambda m, args: seen.append(args[0].device.type))
+    trainer.fit(module, datamodule=datamodule)
+    assert datamodule._train.tensors[0].is_cuda
+    assert seen and set(seen) == {"cuda"}
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
