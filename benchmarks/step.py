@@ -45,6 +45,10 @@ from torch import Tensor, nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# bookkeeping shared with lipexp, not the step's math: full float32 (autocast and TF32 off),
+# batch norm's running statistics kept, the length of a clipped step
+import lipexp.defences.finite_difference as fd  # noqa: E402
+
 MODELS = {  # name -> (conf/model choice, extra overrides, image shape (C, H, W))
     "small_cnn": ("small_cnn", [], (1, 28, 28)),
     "resnet34": ("resnet34", [], (3, 32, 32)),
@@ -99,13 +103,14 @@ def hand_step(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, 
                 losses = F.cross_entropy(net(xr), y, reduction="none")
                 (g,) = torch.autograd.grad(losses.sum(), xr, create_graph=True)
                 norms = g.flatten(1).norm(p=p, dim=1)
-            else:  # fd: both forward passes in float32
+            else:  # fd: both forward passes in full float32 (no autocast, no TF32)
                 h = s["lip"]["h"]
-                with torch.autocast(x.device.type, enabled=False):
+                with fd.float32(x):
                     losses = F.cross_entropy(net(xr).float(), y, reduction="none")
                     (g,) = torch.autograd.grad(losses.sum(), xr, retain_graph=True)
                     xh = x.detach() + h * _direction(g, p)
-                    losses_h = F.cross_entropy(net(xh).float(), y, reduction="none")
+                    with fd.running_stats_kept(net):  # batch norm counts one batch per step
+                        losses_h = F.cross_entropy(net(xh).float(), y, reduction="none")
                 norms = (losses_h - losses) / h * (math.sqrt(x[0].numel()) if p == 1 else 1)
             loss = losses.mean() + lam * norms.max() / len(y)  # batch_mean scaling
     opt.zero_grad(set_to_none=True)
@@ -119,13 +124,17 @@ def hand_reuse_step(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Te
     train-mode gradient at x gives d, x_adv = x + eps d is the second point; float32."""
     p, lam, eps = s["lip"]["dual_norm"], s["lip"]["lam"], s["eps"]
     lam = lam / math.sqrt(x[0].numel()) if s["lip"]["lam_over_sqrt_n"] else lam
-    with torch.autocast(x.device.type, enabled=False):
+    with fd.float32(x):
         xr = x.detach().requires_grad_(True)
-        losses = F.cross_entropy(net(xr), y, reduction="none")
-        (g,) = torch.autograd.grad(losses.sum(), xr, retain_graph=True)
+        with fd.running_stats_kept(net):  # batch norm counts the adversarial batch only
+            losses = F.cross_entropy(net(xr), y, reduction="none")
+            (g,) = torch.autograd.grad(losses.sum(), xr, retain_graph=True)
         x_adv = (x + eps * _direction(g, p)).clamp(0, 1)
         losses_adv = F.cross_entropy(net(x_adv), y, reduction="none")
-        norms = (losses_adv - losses) / eps * (math.sqrt(x[0].numel()) if p == 1 else 1)
+        steps = fd.step_lengths(x_adv - x, p)  # the step taken (clipping shortens it)
+        norms = (losses_adv - losses) / steps.clamp_min(1e-30) * (
+            math.sqrt(x[0].numel()) if p == 1 else 1)
+        norms = torch.where(steps > 0, norms, torch.zeros_like(norms))
         loss = losses_adv.mean() + lam * norms.max() / len(y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -180,7 +189,10 @@ def make_paired_timer(net, opt, settings, autocast, clock, warmup, with_hand: bo
             x, y = batch
             if with_hand:
                 t0 = clock()
-                hand_step(net, opt, x, y, settings, autocast)
+                # the network lipexp trains through (compiled with --compile) and its layout
+                if module.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                hand_step(module.__dict__["_train_net"], opt, x, y, settings, autocast)
                 t1 = clock()
                 if batch_idx >= warmup:
                     self.hand.append(t1 - t0)

@@ -30,6 +30,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = OmegaConf.create(checkpoint.config)
     run_cfg.eval, run_cfg.attacks = cfg.eval, cfg.attacks
     run_cfg.paths.output_dir = cfg.paths.output_dir
+    if run_cfg.data.get("on_device"):  # the training split stays where it is: not needed
+        run_cfg.data.on_device = False
     if not Path(run_cfg.data.data_dir).exists():  # trained elsewhere: this command's folder
         run_cfg.data.data_dir = cfg.data.data_dir
     folder = RunFolder(cfg.paths.output_dir)

@@ -163,3 +163,64 @@ def test_share_keeps_the_penalty_settings():
                                   scaling="per_example", target=0.1, squared=True)
     x, y = batch()
     assert perturb(None, x, y) is x
+
+
+def test_with_clipping_the_reused_quotient_divides_by_the_step_taken():
+    """Near the box's faces the J2 step is cut short by clipping; the quotient divides by its
+    actual length ||x_adv - x||_2, not by eps."""
+    model, (x, y) = smooth_model(), batch()
+    x = x.clone()
+    x[:, :, 0] = 1.0  # one row of pixels on the face x = 1 of the box
+    eps = 0.3
+    _, logs = adversarial_fd_objective(model, x, y, eps=eps, clip=True, dual_norm=2, lam=1.0,
+                                       scaling="per_example")
+    x_adv = l2_gradient_step(model, x, y, eps=eps, clip=True)
+    steps = (x_adv - x).flatten(1).norm(dim=1)
+    assert (steps < eps - 1e-6).any()  # the test is about clipped steps
+    q = (F.cross_entropy(model(x_adv), y, reduction="none")
+         - F.cross_entropy(model(x), y, reduction="none")) / steps
+    torch.testing.assert_close(logs["grad_norm_max"], q.max())
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_batch_norm_counts_one_batch_per_step_as_with_the_exact_penalty(reuse):
+    """The fd estimate's extra forward pass (plain fd: at x + h d; shared: the clean one)
+    normalizes with its batch's statistics but leaves the running statistics alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Softplus(),
+                          nn.Flatten(), nn.Linear(4 * H * W, K)).double().train()
+    x, y = batch()
+    if reuse:
+        adversarial_fd_objective(model, x, y, eps=0.05, clip=False, dual_norm=2, lam=0.1,
+                                 scaling="per_example")
+    else:
+        fd_grad_norms(model, x, y, dual_norm=2, h=0.05)
+        fresh = nn.BatchNorm2d(4).double().train()  # one update, with the batch at x
+        with torch.no_grad():
+            fresh(model[0](x))
+        torch.testing.assert_close(model[1].running_mean, fresh.running_mean)
+        torch.testing.assert_close(model[1].running_var, fresh.running_var)
+    assert int(model[1].num_batches_tracked) == 1
+
+
+def test_lip1_with_clipping_divides_by_the_step_in_its_own_units():
+    """J1's step is eps sign(g) / sqrt(n); clipped, its length in those units is
+    sqrt(n) ||s||_inf, so the quotient sqrt(n) (l(x_adv) - l(x)) / (sqrt(n) ||s||_inf) stays
+    at most ||g||_1 (Hoelder), and equals the /eps quotient where nothing is clipped."""
+    from lipexp.defences.adversarial import signed_gradient_step
+
+    model, (x, y) = smooth_model(), batch()
+    x = x.clone()
+    x[:, :, 0] = 1.0
+    eps = 0.3
+    for clip in (False, True):
+        _, logs = adversarial_fd_objective(model, x, y, eps=eps, clip=clip, dual_norm=1,
+                                           lam=1.0, scaling="per_example")
+        x_adv = signed_gradient_step(model, x, y, eps=eps, clip=clip)
+        s = (x_adv - x).flatten(1)
+        delta = (F.cross_entropy(model(x_adv), y, reduction="none")
+                 - F.cross_entropy(model(x), y, reduction="none"))
+        q = delta / s.abs().amax(dim=1)  # = sqrt(n) delta / (sqrt(n) ||s||_inf)
+        torch.testing.assert_close(logs["grad_norm_max"], q.max())
+        if not clip:  # the unclipped step is eps long in these units
+            torch.testing.assert_close(logs["grad_norm_max"], (delta / eps * math.sqrt(N)).max())

@@ -23,7 +23,7 @@ class InMemoryImages(Dataset):
     batch at a time.
 
     The DataLoader's sampler and batch sampler work as for any map-style data set (so the
-    same seed gives the same batches as a ``TensorDataset``, and Lightning's distributed
+    same seed gives the same first epoch as a ``TensorDataset``, and Lightning's distributed
     sampler still applies), but a batch of indices is fetched with ``__getitems__`` as one
     ``x[idx]``, ``y[idx]`` gather instead of B single reads collated image by image.
     ``collate_fn=keep_batch`` then passes the batch on unchanged.
@@ -61,8 +61,9 @@ class ImageDataModule(pl.LightningDataModule):
     and host-to-device traffic than float32) and y int64; `on_after_batch_transfer`
     converts x to float32 in [0, 1] on the device and, while training, augments it.
     Validation and test both use the test split. Batches are gathered whole from the
-    tensors (``InMemoryImages``); ``num_workers`` stays 0 for in-memory sets (a gather
-    of a batch costs microseconds; worker processes would only add copies).
+    tensors (``InMemoryImages``); in-memory sets need no worker processes (a gather of a
+    batch costs microseconds; workers would only add copies): keep ``data.num_workers=0``,
+    the default, which exact mid-epoch resume also needs (lipexp.resume).
 
     ``on_device``: the training split is moved to the training device (the trainer's root
     device, a GPU) in ``setup``, so a batch is gathered there and nothing crosses the bus
@@ -119,8 +120,18 @@ class ImageDataModule(pl.LightningDataModule):
             self._arrays = self.source(self.data_dir, True)
 
     def setup(self, stage: str | None = None) -> None:
-        if self._train is not None:
-            return
+        if self._train is None:
+            self._load()
+        if self.on_device and stage in (None, "fit") and not self._train.tensors[0].is_cuda:
+            # training only: an evaluation alone needs no copy of the training split
+            device = (self.trainer.strategy.root_device if self.trainer is not None
+                      else torch.device("cuda", torch.cuda.current_device()))
+            require(device.type == "cuda", f"data.on_device=true needs training on a GPU, "
+                    f"the trainer's device is {device}")
+            self._train.to(device)
+
+    def _load(self) -> None:
+        """The two splits from the source, checked against the declared shape and classes."""
         # Other ranks (or download=False) load files that prepare_data already fetched.
         arrays = self._arrays if self._arrays is not None else self.source(self.data_dir, False)
         self._arrays = None  # the datasets below hold the tensors
@@ -141,12 +152,6 @@ class ImageDataModule(pl.LightningDataModule):
                 )
         self._train = InMemoryImages(arrays.train_x, arrays.train_y)
         self._test = InMemoryImages(arrays.test_x, arrays.test_y)
-        if self.on_device:
-            device = (self.trainer.strategy.root_device if self.trainer is not None
-                      else torch.device("cuda", torch.cuda.current_device()))
-            require(device.type == "cuda", f"data.on_device=true needs training on a GPU, "
-                    f"the trainer's device is {device}")
-            self._train.to(device)
 
     @property
     def num_train(self) -> int:

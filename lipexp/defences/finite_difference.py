@@ -8,10 +8,10 @@ it), ``l(x + h d) - l(x) ~= h <g, d>``; for ``d = g / ||g||_2`` that is ``h ||g|
     ||g||_2 ~= (l(x + h d) - l(x)) / h                       (Lip2)
     ||g||_1 ~= sqrt(n) * (l(x + h d) - l(x)) / h             (Lip1)
 
-with an error of ``h/2 d^T H d`` (H the loss's input Hessian): second order in the
-step. The estimate is differentiable w.r.t. the parameters through BOTH loss
-evaluations, which replaces double backpropagation by one backward pass to the input
-(no ``create_graph``) and one more forward pass.
+with an error of ``h/2 d^T H d`` (H the loss's input Hessian): first order in the step
+``h``. The estimate is differentiable w.r.t. the parameters through BOTH loss
+evaluations, which replaces double backpropagation by one backward pass to the input (no
+``create_graph``) and one more forward pass.
 
 Both forward passes run with autocast off (float32 network and loss): under bf16 a loss
 of order 1 keeps about 3 significant digits, and the difference ``h ||g||`` (about 0.01)
@@ -26,12 +26,18 @@ Two ways to use it:
   share their passes. The perturbation's gradient is taken in TRAIN mode at the clean
   image, and ``x + h d`` with ``h = adv.eps`` is the adversarial image itself, so a step
   makes 2 forward passes. What changes: the attack direction uses batch statistics
-  (train-mode batch norm) instead of running statistics, batch norm's running statistics
-  are updated twice per step (clean and adversarial batch), and the penalty estimates the
-  gradient norm at the clean image instead of the adversarial one. With ``adv.clip=true``
-  the step is clipped to [0, 1] where the box is hit, and the quotient then measures the
-  slope along the clipped step (below ``||g||_*``); ``adv.clip=false`` (the authors' code)
-  keeps the estimate exact to second order.
+  (train-mode batch norm) instead of running statistics, and the penalty estimates the
+  gradient norm at the clean image instead of the adversarial one.
+
+In both, batch norm's running statistics are updated once per step, by the pass at the
+image the cross-entropy is taken at, as with the exact method: the other pass leaves
+them as they were (``running_stats_kept``).
+
+With ``adv.clip=true`` the shared step is clipped to [0, 1] where the box is hit; the
+quotient then divides by the length of the step actually taken (``step_lengths``: ``eps``
+where nothing is clipped) and measures the slope along the clipped direction, at most
+``||g||_*``; ``adv.clip=false`` (the authors' code) keeps the estimate accurate to first
+order in ``h``.
 """
 
 import math
@@ -48,9 +54,44 @@ from lipexp.defences.grad_norms import GradNorms
 
 @contextmanager
 def float32(x: Tensor):
-    """Autocast off on ``x``'s device type: the enclosed passes run in float32."""
+    """Autocast off on ``x``'s device type, and on CUDA TensorFloat-32 off too (cuDNN's
+    convolutions and matmuls would otherwise keep 10 mantissa bits): the enclosed passes
+    run in full float32."""
     with torch.autocast(device_type=x.device.type, enabled=False):
+        if not x.is_cuda:
+            yield
+            return
+        precision = torch.get_float32_matmul_precision()
+        cudnn_tf32 = torch.backends.cudnn.allow_tf32
+        torch.set_float32_matmul_precision("highest")  # the user's setting is put back below
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(precision)
+            torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
+@contextmanager
+def running_stats_kept(model: nn.Module):
+    """Batch norm's running statistics (and batch counts) as they were before the block:
+    a forward pass inside it normalizes with its batch's statistics as usual (train mode)
+    but does not count as one more batch of the running averages. Momentum 0 leaves the
+    averages as they are inside the kernel (no later in-place write: a graph that saved
+    them stays valid); the batch count is put back afterwards."""
+    modules = model.modules() if isinstance(model, nn.Module) else ()  # or a function
+    norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.training and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
         yield
+    finally:
+        with torch.no_grad():
+            for m, (momentum, count) in zip(norms, saved):
+                m.momentum = momentum
+                m.num_batches_tracked.copy_(count)
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -71,10 +112,23 @@ def unit_direction(g: Tensor, dual_norm: int) -> Tensor:
     raise ValueError(f"lip.dual_norm must be 1 or 2 for lip.method=fd, got {dual_norm}")
 
 
-def quotient_to_norm(losses: Tensor, losses_h: Tensor, h: float, dual_norm: int,
+def step_lengths(step: Tensor, dual_norm: int) -> Tensor:
+    """(B,) lengths of the steps ``step`` (B, ...) actually taken, in the units where the
+    unclipped step ``eps d`` has length ``eps``: ``||s||_2`` for dual_norm 2 and
+    ``sqrt(n) ||s||_inf`` for dual_norm 1 (``d = sign(g) / sqrt(n)``). Dividing the loss
+    difference by it keeps the quotient at most ``||g||_2``, resp. ``||g||_1`` (Hoelder:
+    ``<g, s> <= ||g||_1 ||s||_inf``) when clipping shortens the step."""
+    flat = step.flatten(1)  # (B, n)
+    if dual_norm == 1:
+        return flat.abs().amax(dim=1) * math.sqrt(flat.shape[1])
+    return flat.norm(dim=1)
+
+
+def quotient_to_norm(losses: Tensor, losses_h: Tensor, h: float | Tensor, dual_norm: int,
                      n: int) -> Tensor:
-    """``(l(x + h d) - l(x)) / h``, times ``sqrt(n)`` for dual_norm 1, so that the result is in
-    the units of ``||g||_dual_norm`` (as the exact estimator's, the logs and the hinge)."""
+    """``(l(x + h d) - l(x)) / h`` (``h`` a number, or (B,) per-example steps), times
+    ``sqrt(n)`` for dual_norm 1, so that the result is in the units of ``||g||_dual_norm``
+    (as the exact estimator's, the logs and the hinge)."""
     q = (losses_h - losses) / h
     return q * math.sqrt(n) if dual_norm == 1 else q
 
@@ -106,7 +160,8 @@ def fd_grad_norms(model: nn.Module, x: Tensor, y: Tensor, dual_norm: int,
     ``sqrt(n)^[dual_norm == 1] * (l(x + h d) - l(x)) / h`` at ``x``; two forward passes.
     The losses and logits returned are those at ``x`` (float32)."""
     losses, logits, d = clean_loss_and_direction(model, x, y, dual_norm)
-    losses_h, _ = loss_at(model, x.detach() + h * d, y)
+    with running_stats_kept(model):  # one batch-norm update per step, at x (as exact)
+        losses_h, _ = loss_at(model, x.detach() + h * d, y)
     return GradNorms(losses, logits, quotient_to_norm(losses, losses_h, h, dual_norm,
                                                       x[0].numel()))
 
@@ -119,18 +174,23 @@ def adversarial_fd_objective(model: nn.Module, x: Tensor, y: Tensor, eps: float,
     ``d`` from the train-mode gradient at ``x`` (J2: ``g / ||g||_2`` with dual_norm 2; J1:
     ``sign(g) / sqrt(n)`` with dual_norm 1), ``x_adv = x + eps d`` (clipped to [0, 1] if
     ``clip``), then ``J = mean_i l(x_adv_i) + w h(max_i N_i)`` with
-    ``N_i = sqrt(n)^[dual_norm == 1] (l(x_adv_i) - l(x_i)) / eps`` and ``w h(.)`` the
+    ``N_i = sqrt(n)^[dual_norm == 1] (l(x_adv_i) - l(x_i)) / s_i``, ``s_i`` the step taken
+    (``step_lengths``; ``eps`` unclipped, ``N_i = 0`` for no step) and ``w h(.)`` the
     penalty of ``penalized_cross_entropy`` (its keyword settings in ``penalty``).
     Two forward passes.
     """
     from lipexp.defences.lipschitz import penalized  # lipschitz.py imports this module
 
     dual_norm = int(penalty["dual_norm"])
-    losses, _, d = clean_loss_and_direction(model, x, y, dual_norm)
+    with running_stats_kept(model):  # batch norm counts the adversarial batch only
+        losses, _, d = clean_loss_and_direction(model, x, y, dual_norm)
     x_adv = x.detach() + eps * d
     x_adv = (x_adv.clamp(0.0, 1.0) if clip else x_adv).detach()
     losses_adv, logits_adv = loss_at(model, x_adv, y)
-    norms = quotient_to_norm(losses, losses_adv, eps, dual_norm, x[0].numel())
+    steps = step_lengths(x_adv - x.detach(), dual_norm)  # (B,): eps unless clipped
+    norms = quotient_to_norm(losses, losses_adv, steps.clamp_min(torch.finfo(steps.dtype).tiny),
+                             dual_norm, x[0].numel())
+    norms = torch.where(steps > 0, norms, torch.zeros_like(norms))  # no step, no slope
     return penalized(GradNorms(losses_adv, logits_adv, norms), y, n=x[0].numel(), **penalty)
 
 
