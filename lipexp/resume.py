@@ -97,7 +97,7 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         restore, self._restore = self._restore, None
-        if self.num_workers > 0:
+        if self.num_workers > 0 and self._epoch_start is None:  # once, at the first epoch
             log.warning("data.num_workers=%d: a run resumed mid-epoch will not continue "
                         "exactly (worker seeds); in-memory data sets need no workers",
                         self.num_workers)

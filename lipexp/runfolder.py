@@ -239,11 +239,12 @@ class RunFolder:
             log.info("%s is already completed; nothing to do (delete it to run again)",
                      self.path)
             return previous
-        if resume and not self.checkpoints():
+        found = self.checkpoints()
+        if resume and not found:
             raise RunFolderError(f"resume=true but there is no {self.last} to resume from")
-        if not resume and self.checkpoints():
+        if not resume and found:
             raise RunFolderError(
-                f"{self.path} holds an unfinished run ({self.checkpoints()[-1]}); pass "
+                f"{self.path} holds an unfinished run ({found[-1]}); pass "
                 "resume=true to continue it, or delete the folder to start again")
         return None
 

@@ -44,9 +44,10 @@ def _signals() -> list[int]:
 def requeue() -> None:
     """Ask SLURM to run this job again (``scontrol requeue``); it then continues its folder
     (lipexp.runfolder.requeued). Global rank 0 only."""
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") and (
-        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}")
-    job = job or os.environ["SLURM_JOB_ID"]
+    if "SLURM_ARRAY_JOB_ID" in os.environ:  # an array task is requeued by its own id
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    else:
+        job = os.environ["SLURM_JOB_ID"]
     try:
         done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
                               timeout=60)

@@ -26,17 +26,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     folder, rank_zero = RunFolder(cfg.paths.output_dir), rank_zero_only.rank == 0
     resume = cfg.resume or (requeued() and bool(folder.checkpoints()))
     with folder.owned(write=rank_zero):  # one process per folder (its other ranks aside)
-        previous = folder.completed_results(resume, as_plain_dict(cfg))
+        config = as_plain_dict(cfg)
+        previous = folder.completed_results(resume, config)
         if previous is not None:
             return previous
         if rank_zero:
             folder.save_hydra_record(cfg)
         with folder.log_file(write=rank_zero):
-            return _train(cfg, folder, resume, rank_zero)
+            return _train(cfg, config, folder, resume, rank_zero)
 
 
-def _train(cfg: DictConfig, folder: RunFolder, resume: bool, rank_zero: bool) -> dict[str, Any]:
-    entries = {"config": as_plain_dict(cfg), "output_dir": str(folder.path.resolve()),
+def _train(cfg: DictConfig, config: dict, folder: RunFolder, resume: bool,
+           rank_zero: bool) -> dict[str, Any]:
+    entries = {"config": config, "output_dir": str(folder.path.resolve()),
                "provenance": provenance()}
     evaluated: list[dict | None] = []  # the end-of-training evaluation (results on rank 0)
     with job_scope(folder.path), folder.record(entries, write=rank_zero) as results:

@@ -25,10 +25,11 @@ from lipexp.checkpoint import CheckpointError, load_run_checkpoint, load_weights
 from lipexp.divergence import DivergenceError, DivergenceMonitor
 from lipexp.errors import Interrupted, Requeued, Terminated
 from lipexp.report import find_runs
-from lipexp.runfolder import RunFolderError
+from lipexp.runfolder import RunFolder, RunFolderError
 from lipexp.train import run
 
 from .conftest import REPO
+from .test_runfolder import hold_lock
 
 # A short seeded run: 2 epochs of 11 steps on digits, a small evaluation.
 TINY = ["trainer.max_epochs=2", "model.width=8", "eval.n_images=12", "eval.lipschitz=false",
@@ -137,12 +138,8 @@ def test_a_skipped_step_that_poisoned_batch_norm_stops_training():
 
 def test_a_folder_owned_by_a_live_process_is_refused_untouched(make_cfg, tmp_path):
     out = tmp_path / "run"
-    code = ("import time; from lipexp.runfolder import RunFolder\n"
-            f"with RunFolder({str(out)!r}).owned():\n"
-            "    print('owned', flush=True); time.sleep(60)")
-    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    owner = hold_lock(RunFolder(out))
     try:
-        assert owner.stdout.readline().strip() == "owned"
         with pytest.raises(RunFolderError, match=f"in use by process {owner.pid} on "
                            f"{socket.gethostname()}"):
             run(make_cfg(*TINY))
