@@ -1,12 +1,83 @@
 """The ``lipexp`` command: ``lipexp report DIR`` summarizes a folder of runs (lipexp.report).
 
 ``lipexp lipschitz data [--split train|test] [overrides ...]``: the data set's Lipschitz
-constant (lipexp.lipschitz.data_constant). Also ``python -m lipexp.cli report DIR``.
+constant (lipexp.lipschitz.data_constant). ``lipexp eval RUN_DIR_OR_CHECKPOINT [overrides
+...]``: a run's robustness evaluation, again (lipexp.reevaluate). Also ``python -m
+lipexp.cli report DIR``. And the quoting of paths for Hydra's command line, which run.py
+uses too: run folders are named by their overrides (``outputs/adv=l2,head=tanh``).
 """
 
 import argparse
+import re
+import shlex
+import shutil
 import sys
 from pathlib import Path
+
+CONF = Path(__file__).resolve().parents[1] / "conf"  # the repository's, beside run.py
+# The settings a re-evaluation takes from its own command line, with their sub-keys; the
+# checkpoint's config decides the rest.
+EVALUATION = ("eval", "attacks")
+# Paths that ``lipexp eval`` may set too, taken literally (quoted for Hydra): the output
+# folder, and where the data set is read (when the run's own data folder is not here).
+EVAL_PATHS = ("hydra.run.dir", "data.data_dir", "paths.data_dir")
+
+
+def override_key(override: str) -> str:
+    """The key of a Hydra override, without its ``+``, ``++`` or ``~``."""
+    return override.partition("=")[0].lstrip("+~")
+
+
+def under(key: str, sections: tuple[str, ...]) -> bool:
+    """Whether ``key`` is one of ``sections`` or one of their sub-keys."""
+    return any(key == s or key.startswith(f"{s}.") for s in sections)
+
+
+def hydra_quoted(value: str) -> str:
+    """``value`` as a Hydra quoted string that Hydra and OmegaConf read back as exactly
+    ``value``, whatever it holds (``= , [ ] ' \\ ${``...). Each layer has the same rule for
+    its escape character: a run of backslashes before it is doubled, then it is escaped;
+    OmegaConf's is ``${`` (an interpolation), Hydra's the closing quote (and the end)."""
+    literal = re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + "\\${", value)
+    quoted = re.sub(r"(\\*)('|\Z)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), literal)
+    return f"'{quoted}'"
+
+
+def quote_ckpt_path(args: list[str]) -> list[str]:
+    """run.py's command line with ``ckpt_path=PATH`` as a Hydra quoted string where Hydra's
+    grammar would stop at PATH (``mismatched input '='``), or read an existing PATH as
+    something else (``a,b`` is a sweep); any other argument as given, and all of them under
+    ``-m`` (a sweep over paths is Hydra's to parse: quote each one there)."""
+    if "-m" in args or "--multirun" in args:
+        return args
+    return [f"ckpt_path={hydra_quoted(arg.partition('=')[2])}"
+            if arg.startswith("ckpt_path=") and _misread(arg) else arg for arg in args]
+
+
+def _misread(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    value = override.partition("=")[2]
+    try:
+        (parsed,) = OverridesParser.create().parse_overrides([override])
+    except OverrideParseException:
+        return True  # quoted, it reads; else Hydra's error names no path
+    # an interpolation, a quoted string or a sweep that names no file is left to Hydra
+    return parsed.value() != value and Path(value).exists()
+
+
+def reevaluate_command(target: str | Path) -> str:
+    """``lipexp eval /abs/target``, shell-quoted: the command that evaluates ``target`` (a run
+    folder or checkpoint) again, with the run's own evaluation settings. ``lipexp`` is this
+    environment's console script when the shell finds it, else ``python -m lipexp.cli`` with
+    this interpreter's absolute path (``make run`` does not activate the virtual
+    environment)."""
+    script = shutil.which("lipexp")
+    here = Path(sys.executable).parent
+    command = (["lipexp"] if script and Path(script).resolve().parent == here.resolve()
+               else [sys.executable, "-m", "lipexp.cli"])
+    return shlex.join([*command, "eval", str(Path(target).resolve())])
 
 
 def _report(folder: str) -> int:
@@ -53,6 +124,122 @@ def _lipschitz_data(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def run_py_eval(args: list[str]) -> int:
+    """``python run.py mode=eval ckpt_path=PATH [overrides]`` as ``lipexp eval PATH
+    [overrides]``: the same checks, all before Hydra makes a folder (Hydra's own job would
+    make the output folder first). PATH as given, or as a Hydra quoted string."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    paths = [a for a in args if override_key(a) == "ckpt_path"]
+    rest = [a for a in args if a != "mode=eval" and override_key(a) != "ckpt_path"]
+    if len(paths) != 1 or not paths[0].partition("=")[2]:
+        print("run.py mode=eval: error: give one ckpt_path=PATH of a checkpoint (or use "
+              "lipexp eval RUN_DIR_OR_CHECKPOINT)", file=sys.stderr)
+        return 1
+    target = paths[0].partition("=")[2]
+    try:
+        (parsed,) = OverridesParser.create().parse_overrides(paths)
+        target = parsed.value() if isinstance(parsed.value(), str) else target  # unquoted
+    except OverrideParseException:
+        pass  # a path that Hydra's grammar cannot read (adv=l2,...): taken as it is
+    return _eval(target, rest)
+
+
+def _eval(target: str, overrides: list[str]) -> int:
+    """Evaluate ``target`` again (``eval_command``); exit status 1, with one line on stderr,
+    when it cannot be."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from lipexp.errors import Stopped
+
+    try:
+        eval_command(Path(target), overrides)
+    except (HydraException, OmegaConfBaseException, ValueError, OSError, RuntimeError,
+            Stopped) as e:  # RuntimeError: RunFolderError, a folder in use; out of memory
+        cause = f": {e.__cause__}" if e.__cause__ and str(e.__cause__) not in str(e) else ""
+        print(f"lipexp eval: error: {' '.join(f'{e}{cause}'.split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def eval_command(target: Path, overrides: list[str]) -> dict:
+    """``lipexp eval``: evaluate the run folder ``target``'s newest readable checkpoint, or the
+    checkpoint file ``target``, as ``python run.py mode=eval ckpt_path=PATH [overrides]``
+    does: the same config, Hydra job (output folder, logging, .hydra record) and function
+    (lipexp.reevaluate.evaluate_checkpoint); returns its results. ``overrides``: ``eval.*``,
+    ``attacks``, ``EVAL_PATHS``; paths go to Hydra as quoted strings. Everything is checked
+    before Hydra makes the output folder, the settings before the checkpoint is read:
+    ValueError, Hydra's and OmegaConf's errors, FileNotFoundError, CheckpointError,
+    RunFolderError."""
+    overrides = _eval_overrides(target, overrides)
+    from hydra import compose, initialize_config_dir  # imported now: torch loads slowly
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lipexp import reevaluate
+    from lipexp.checkpoint import load_run_checkpoint
+    from lipexp.config import register
+    from lipexp.runfolder import RunFolder
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF), job_name="run", version_base="1.3"):
+        reevaluate.check_settings(compose("config", overrides=overrides))
+        checkpoint = (_final_or_newest(RunFolder(target), load_run_checkpoint)
+                      if target.is_dir() else load_run_checkpoint(target))
+
+        def job(cfg):  # Hydra reports a failed job in several lines; _eval does in one
+            try:
+                return reevaluate.evaluate_checkpoint(cfg, checkpoint)
+            except Exception as e:
+                return e
+
+        # run.py's job (its task name, run), without the error report of hydra.main
+        outcome = GlobalHydra.instance().hydra.run(
+            config_name="config", task_function=job,
+            overrides=[*overrides, f"ckpt_path={hydra_quoted(str(checkpoint.path))}"])
+    if isinstance(outcome.return_value, Exception):
+        raise outcome.return_value
+    return outcome.return_value
+
+
+def _final_or_newest(folder, read):
+    """A completed run's final weights, ``checkpoints/last.ckpt``; else the folder's newest
+    readable checkpoint (file times can mislead in a copied folder: a completed run's
+    last.ckpt is the one it evaluated)."""
+    from lipexp.runfolder import read_results
+
+    results = read_results(folder.results) or {}
+    last = folder.path / "checkpoints" / "last.ckpt"
+    if results.get("status") == "completed" and last.is_file():
+        return read(last)
+    return folder.newest_checkpoint(read)
+
+
+def _eval_overrides(target: Path, overrides: list[str]) -> list[str]:
+    """Hydra's overrides for ``lipexp eval``: ``mode=eval``, then ``overrides``, paths quoted;
+    ValueError for an override it does not take, a missing ``target`` or an attack that
+    conf/attacks/ does not have."""
+    from lipexp.config import unknown_choices
+    from lipexp.errors import require
+
+    refused = [o for o in overrides if not under(override_key(o), (*EVALUATION, *EVAL_PATHS))]
+    require(not refused, f"{refused[0] if refused else ''}: lipexp eval overrides only eval.*, "
+            f"attacks (attacks=[...], attacks.NAME.*) and the paths {', '.join(EVAL_PATHS)}; "
+            "the checkpoint's own config decides the rest")
+    require(target.exists(), f"{target}: no such run folder or checkpoint file")
+    paths = [str(target), *(o.partition("=")[2] for o in overrides
+                            if override_key(o) in EVAL_PATHS)]
+    require("${" not in "".join(paths), f"{paths}: a path with '${{' is not taken: Hydra and "
+            "OmegaConf would read it as an interpolation")
+    require(all(paths), "an empty path (hydra.run.dir=, data.data_dir=) is not taken: give a "
+            "folder")
+    unknown = unknown_choices(overrides, CONF)  # Hydra's own message names no option
+    require(not unknown, "; ".join(unknown))
+    return ["mode=eval", *(f"{override_key(o)}={hydra_quoted(o.partition('=')[2])}"
+                           if override_key(o) in EVAL_PATHS else o for o in overrides)]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: the command line) and run the subcommand; returns the exit
     status (argparse exits with 2 on a usage error)."""
@@ -85,6 +272,19 @@ def main(argv: list[str] | None = None) -> int:
                       help="the JSON file (default: lipschitz_data_<data>_<split>.json here)")
     data.add_argument("--device", default=None,
                       help="torch device (default: cuda when available, else cpu)")
+    evaluate = commands.add_parser(
+        "eval", help="a run's robustness evaluation, again: its checkpoint, with its own config",
+        description="Evaluate a run's checkpoint again, as `python run.py mode=eval "
+        "ckpt_path=PATH` does: with the checkpoint's own config; this command sets the "
+        "evaluation (settings not given: conf/'s defaults; the command a run prints at its "
+        "end carries the run's own). The results go to RUN/eval/<attacks>-<time>/ (or "
+        "hydra.run.dir=...).")
+    evaluate.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT",
+                          help="a run folder (its newest readable checkpoint, "
+                          "checkpoints/last.ckpt at the end of training) or a checkpoint file")
+    evaluate.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                          help="eval.KEY=VALUE, attacks=[l2_pgd,...], attacks.NAME.KEY=VALUE, "
+                          "hydra.run.dir=FOLDER, data.data_dir=FOLDER (paths taken literally)")
     # Overrides may come after options (data=mnist --split test data.download=false): the
     # ones argparse leaves over are overrides too; anything else is rejected as before.
     args, extra = parser.parse_known_args(argv)
@@ -94,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "report":
         return _report(args.folder)
+    if args.command == "eval":
+        return _eval(args.target, args.overrides)
     return 2  # unreachable: argparse rejects unknown subcommands
 
 

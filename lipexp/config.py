@@ -138,6 +138,7 @@ class EvalConfig:
     bf16: bool = False
     lipschitz: bool = True  # the Lipschitz analysis: bounds and certified radii
     jacobian_iterations: int = 20  # power iterations per image for ||J(x)||_2
+    progress: bool = True  # a progress bar per attack (images done, time left)
 
     def __post_init__(self) -> None:
         require(self.jacobian_iterations >= 1,

@@ -33,10 +33,13 @@ def job_scope(output_dir: str | os.PathLike) -> Iterator[None]:
     env_before = {k: os.environ[k] for k in DDP_ENV if k in os.environ}
     from hydra.core.hydra_config import HydraConfig  # imported here: only run() needs Hydra
 
+    from lipexp.cli import hydra_quoted
+
     if HydraConfig.initialized():
         overrides = list(HydraConfig.get().overrides.task)
         os.environ[DDP_ARGV] = json.dumps(
-            [*overrides, f'hydra.run.dir="{output_dir}"', "hydra.output_subdir=null"])
+            [*overrides, f"hydra.run.dir={hydra_quoted(str(output_dir))}",
+             "hydra.output_subdir=null"])
     try:
         yield
     finally:

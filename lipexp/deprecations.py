@@ -95,6 +95,11 @@ def _sections(config: dict) -> list[dict]:
     return [s for s in [*config.values(), *attacks.values()] if isinstance(s, dict)]
 
 
+PGD_SEARCH = "lipexp.evaluation.distance_attacks.PGDSearch"
+# the PGD search settings added in lipexp 0.4, at the values that ran before (l2_pgd_full)
+PGD_SEARCH_0_3 = {"factor": 2.0, "early_stop": False, "target_order": "logit"}
+
+
 def upgrade_run_config(config: dict) -> dict:
     """A copy of a resolved run config written by an earlier lipexp (a checkpoint's
     ``lipexp_config``, a results.json's ``config``) with today's targets, keys and attack
@@ -111,6 +116,10 @@ def upgrade_run_config(config: dict) -> dict:
         config["scheduler"] = dict(CONSTANT_LR)
     if isinstance(config.get("attacks"), dict):
         config["attacks"] = {attack_name(k): v for k, v in config["attacks"].items()}
+        for attack in config["attacks"].values():  # lipexp 0.4: the cheaper PGD search; what
+            if isinstance(attack, dict) and attack.get("_target_") == PGD_SEARCH:  # ran before
+                for key, value in PGD_SEARCH_0_3.items():  # was the full protocol
+                    attack.setdefault(key, value)
     if isinstance(lip, dict) and "dual_norm" in lip:  # lipexp 0.3: the finite-difference
         lip.setdefault("h", 0.01)  # penalty's settings; what ran before was the exact one
         lip.setdefault("reuse_adv_gradient", False)
@@ -123,6 +132,8 @@ def upgrade_run_config(config: dict) -> dict:
         # what ran before lipexp 0.2: no Lipschitz analysis (its settings at their defaults)
         evaluation |= {"lipschitz": False,
                        "jacobian_iterations": EvalConfig.jacobian_iterations}
+    if isinstance(evaluation, dict):
+        evaluation.setdefault("progress", True)  # lipexp 0.4; the numbers do not depend on it
     return config
 
 

@@ -43,7 +43,7 @@ L2_ATTACK, LINF_ATTACK = "l2_pgd", "linf_pgd"  # the attacks of the tables (resu
 # optimizer.lr, scheduler.milestones, ...), which a command line may override directly
 EXPECTED_DIFFERENCES = ("seed", "resume", "name", "mode", "ckpt_path", "paths.", "logger.",
                         "callbacks.", "trainer.enable_progress_bar", "trainer.default_root_dir",
-                        "recipe.")
+                        "recipe.", "eval.progress", "data.data_dir")
 
 
 @dataclass

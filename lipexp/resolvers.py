@@ -7,6 +7,7 @@
 
 import functools
 import hashlib
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -87,8 +88,14 @@ def _deprecated(old: str, resolver: Callable) -> Callable:
     return alias
 
 
-RESOLVERS = {"run_dirname": run_dirname, "run_dir": run_dir, "wandb_name": wandb_name,
-             "wandb_tags": wandb_tags,
+def absolute(path: str) -> str:
+    """``path`` made absolute against the working directory (symlinks kept): a run's config
+    then says where its data was read, whichever folder a later ``lipexp eval`` runs in."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
+RESOLVERS = {"absolute": absolute, "run_dirname": run_dirname, "run_dir": run_dir,
+             "wandb_name": wandb_name, "wandb_tags": wandb_tags,
              "run_label": _deprecated("run_label", wandb_name),
              "defence_tags": _deprecated("defence_tags", wandb_tags)}
 

@@ -18,18 +18,19 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lipexp import __version__
-from lipexp.deprecations import RENAMED_KEYS, upgrade_run_config
+from lipexp.deprecations import PGD_SEARCH_0_3, RENAMED_KEYS, upgrade_run_config
 from lipexp.errors import Stopped
 from lipexp.files import atomic_path, write_json_atomic
 from lipexp.provenance import now
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Config settings that may differ between a folder's run and a command continuing it: how
 # long to train, where the logs and data live, how the progress is shown, how often
@@ -40,7 +41,13 @@ CHANGEABLE = ("trainer.max_epochs", "recipe.epochs", "resume", "name", "mode", "
               "paths.", "logger", "callbacks.", "trainer.enable_progress_bar",
               "trainer.log_every_n_steps", "trainer.enable_model_summary",
               "trainer.default_root_dir", "data.data_dir", "data.download",
-              "data.num_workers", "data.eval_batch_size", "eval.batch_size")
+              "data.num_workers", "data.eval_batch_size", "eval.batch_size", "eval.progress")
+
+
+def _ran(key: str) -> bool:
+    """Whether ``key`` is a setting that upgrading an old config fills in with the value
+    that ran (the PGD search's settings of lipexp 0.3), rather than today's default."""
+    return key.startswith("attacks.") and key.rpartition(".")[2] in PGD_SEARCH_0_3
 
 
 class RunFolderError(RuntimeError):
@@ -85,7 +92,8 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], older_ver
     raw = flat_config(old)
     renamed = {RENAMED_KEYS[k] for k in raw if k in RENAMED_KEYS}
     before = {k: v for k, v in flat_config(upgrade_run_config(dict(old))).items()
-              if k in raw or k in renamed}  # not what the upgrade filled in
+              if k in raw or k in renamed or _ran(k)}  # not what the upgrade filled in,
+    # unless the upgrade says what ran: those settings are compared too
     after = flat_config(new)
     keys = before.keys() | (set() if older_version else after.keys())
     return [f"{k}: {before.get(k, '(absent)')!r} -> {after.get(k, '(absent)')!r}"
@@ -250,23 +258,33 @@ class RunFolder:
 
     def resume_checkpoint(self, resume: bool) -> str | None:
         """The checkpoint that ``trainer.fit`` continues from with ``resume``: the newest that
-        reads as a checkpoint (a damaged one is skipped with a warning; none readable is a
-        RunFolderError naming them)."""
-        from lipexp.checkpoint import CheckpointError, read_checkpoint  # imports torch
+        reads as a checkpoint (``newest_checkpoint``)."""
+        from lipexp.checkpoint import read_checkpoint  # imports torch
 
-        if not resume:
-            return None
+        def readable(path: Path) -> str:
+            read_checkpoint(path)  # CheckpointError if it does not read
+            return str(path)
+
+        return self.newest_checkpoint(readable) if resume else None
+
+    def newest_checkpoint(self, read: Callable[[Path], T]) -> T:
+        """``read(path)`` of the newest of ``checkpoints()`` that ``read`` accepts (a
+        reader of lipexp.checkpoint): a damaged one is skipped with a warning; none readable,
+        or none at all, is a RunFolderError naming them."""
+        from lipexp.checkpoint import CheckpointError  # imports torch
+
         damaged = []
         for path in reversed(self.checkpoints()):
             try:
-                read_checkpoint(path)
+                checkpoint = read(path)
             except CheckpointError as e:
-                log.warning("%s: continuing from an older checkpoint", e)
                 damaged.append(str(e))
                 continue
-            return str(path)
-        raise RunFolderError(f"{self.path}: no readable checkpoint to resume from "
-                             f"({'; '.join(damaged) or 'none'})")
+            for message in damaged:  # said only when an older checkpoint is taken
+                log.warning("%s: taking an older checkpoint", message)
+            return checkpoint
+        raise RunFolderError(f"{self.path}: no readable checkpoint "
+                             f"({'; '.join(damaged) or 'none in checkpoints/'})")
 
     # ------------------------------------------------------------------ records
 

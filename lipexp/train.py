@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
 from lipexp.build import build_datamodule, build_evaluator, build_module, build_trainer
+from lipexp.cli import reevaluate_command
 from lipexp.config import as_plain_dict, validate
 from lipexp.ddp_launch import job_scope
 from lipexp.evaluation.callback import RobustnessEvaluation
@@ -44,7 +45,8 @@ def _train(cfg: DictConfig, config: dict, folder: RunFolder, resume: bool,
     with job_scope(folder.path), folder.record(entries, write=rank_zero) as results:
         validate(cfg)  # the schemas' range checks, before any work
         pl.seed_everything(cfg.seed, workers=True)
-        module, data, evaluator = build_module(cfg), build_datamodule(cfg), build_evaluator(cfg)
+        evaluator = build_evaluator(cfg)  # first: a bad attack setting stops the run at once
+        module, data = build_module(cfg), build_datamodule(cfg)
         stop = GracefulStop(folder.path / "checkpoints" / "step.ckpt")
         callback = RobustnessEvaluation(evaluator, str(folder.path), on_done=evaluated.append)
         trainer = build_trainer(cfg, module, [stop, RunState(), callback])
@@ -65,7 +67,12 @@ def _train(cfg: DictConfig, config: dict, folder: RunFolder, resume: bool,
         results["data"] = {"n_train": data.num_train, "n_test": data.num_test}
         if evaluated and evaluated[0] is not None:  # rank 0, unless fast_dev_run
             results |= evaluated[0]
+        if folder.checkpoints():  # none with fast_dev_run
+            results["reevaluate"] = reevaluate_command(folder.path)
     if rank_zero:
         log.info("clean test error %.4f; run folder: %s", results["clean"]["error"], folder.path)
         print(f"Run folder: {folder.path.resolve()}")
+        if "reevaluate" in results:
+            log.info("re-evaluate: %s", results["reevaluate"])
+            print(f"Re-evaluate: {results['reevaluate']}")
     return results

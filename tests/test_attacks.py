@@ -148,12 +148,43 @@ def test_one_step_configs_are_fgsm_and_gradient_attack(norm):
     torch.testing.assert_close(success, model(expected).argmax(1) != y)
 
 
-def test_eps_zero_is_only_checked_clean():
+@pytest.mark.parametrize("pgd", [PGD("l2"), PGD("l2", targets=0, early_stop=True)])
+def test_eps_zero_is_only_checked_clean(pgd):
     model = linear_model()
     x, y = interior_batch(model, b=6, wrong=2)
-    x_adv, success = PGD("l2")(model, x, y, torch.zeros(6))
+    x_adv, success = pgd(model, x, y, torch.zeros(6))
     assert torch.equal(x_adv, x)
     assert success.tolist() == [True, True, False, False, False, False]
+    x_adv, success = pgd(model, x, y, torch.tensor([0.0, 1.0, 0.0, 0.0, 1e-6, 1e-6]))
+    assert success[:2].all() and not success[2:].any()  # clean mistakes, sizes too small
+
+
+def test_bf16_autocast_does_not_decide_the_clean_mistakes():
+    """Logits offset by 100, where bf16 keeps 2 or 3 significant digits: classes 0 and 1
+    within about 0.1 of each other on every image, so under bf16 the clean argmax of many
+    images differs from float32's. The clean check is in float32, so an image correct in
+    float32 still gets its distance (not +inf, as when a bf16 "clean mistake" blocked every
+    later success) and no image is called broken at a size too small to break it."""
+    from lipexp.evaluation.distance_attacks import PGDSearch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    x = torch.rand(200, 1, 4, 4)
+    with torch.no_grad():
+        model[1].bias.add_(100.0)
+        z = model(x)
+        model[1].bias[1] += (z[:, 0] - z[:, 1]).median()  # classes 0 and 1 neck and neck
+        z = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            flips = (model(x).argmax(1) != z.argmax(1)).sum()
+    y = z.argmax(1)
+    assert flips > 10
+    search = PGDSearch("l2", eps_init=0.01, eps_max=20.0)
+    fp32 = search.distances(model, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = search.distances(model, x, y)
+        _, broken = PGD("l2", targets=0, early_stop=True)(model, x, y, 1e-9)
+    assert fp32.isfinite().all() and bf16.isfinite().all() and not broken.any()
 
 
 @pytest.mark.parametrize("norm", list(Norm))
@@ -203,6 +234,84 @@ def test_distances_of_a_linear_model_are_exact(norm):
     assert gap <= 0.02
 
 
+@pytest.mark.parametrize("norm", list(Norm))
+def test_the_default_search_is_exact_on_a_linear_model(norm):
+    """PGDSearch's defaults (PGD-10, the 3 nearest targets, early stop, x1.25 steps), as
+    every run's evaluation uses them: within 2% of the exact minimum for every image."""
+    from lipexp.evaluation.distance_attacks import PGDSearch
+
+    model = linear_model(torch.float64)
+    x, y = interior_batch(model)
+    exact, _ = exact_distances(model, x, y, norm)
+    found = PGDSearch(norm, eps_init=1e-3, eps_max=10.0).distances(model, x, y)
+    assert (found[:3] == 0).all() and (found.double() >= exact * (1 - 1e-9)).all()
+    assert max_rel_gap(found, exact) <= 0.02
+
+
+@pytest.mark.parametrize("factor", [1.25, 1.6, 2.0])
+def test_the_search_factor_changes_the_path_not_the_answer(factor):
+    model = linear_model(torch.float64)
+    x, y = interior_batch(model)
+    exact, _ = exact_distances(model, x, y, Norm.l2)
+    for start in (0.01, 10 * exact.max().item()):  # far below and far above every distance
+        found = adversarial_distances(model, x, y, PGD("l2"), "l2", eps_init=start,
+                                      eps_max=20.0, factor=factor)
+        assert max_rel_gap(found, exact) <= 0.02
+    with pytest.raises(ValueError, match="factor"):
+        adversarial_distances(model, x, y, PGD("l2"), "l2", 0.01, 10.0, factor=2.5)
+
+
+@pytest.mark.parametrize("norm", list(Norm))
+def test_early_stop_succeeds_exactly_where_the_full_run_does(norm):
+    """The iterates are the same until an image's first success, so success at a size is
+    the same with and without early stop; the early example is no smaller, and the broken
+    images leave the batch (fewer forward passes)."""
+    model = linear_model(torch.float64)
+    x, y = interior_batch(model)
+    exact, _ = exact_distances(model, x, y, norm)
+    eps = exact * torch.tensor([0.8, 1.1]).repeat(16).double()  # below reach, within it
+    passes = []
+    model.register_forward_pre_hook(lambda m, a: passes.append(len(a[0])))
+    runs = {}
+    for early in (False, True):
+        passes.clear()
+        x_adv, ok = PGD(norm, targets=2, early_stop=early)(model, x, y, eps)
+        runs[early] = x_adv, ok, sum(passes)
+    (full, ok_full, n_full), (first, ok_first, n_first) = runs[False], runs[True]
+    assert ok_full.any() and not ok_full.all()
+    assert torch.equal(ok_full, ok_first) and n_first < n_full
+    threat = THREATS[norm]
+    assert (threat.norm(first - x)[ok_first] >= threat.norm(full - x)[ok_full] - 1e-12).all()
+    assert (threat.norm(first - x) <= eps * (1 + 1e-9)).all()
+
+
+def test_targets_given_are_the_classes_aimed_at():
+    """On the model of the next test (class 1: highest wrong logit, 0.25 away; class 2: 0.1
+    away), one targeted run towards the class given breaks at 0.12 only towards class 2."""
+    model, x, y = closest_class_problem()
+    pgd = PGD("l2", targets=1)
+    for cls, broken in ((1, False), (2, True)):
+        _, ok = pgd(model, x, y, 0.12, targets=torch.full((4, 1), cls))
+        assert ok.all() == broken and ok.any() == broken
+    _, ok = pgd(model, x, y, 0.12)  # default: the highest wrong logit, class 1
+    assert not ok.any()
+
+
+def test_first_order_distances_are_exact_per_class_on_a_linear_model():
+    from lipexp.attacks.first_order import first_order_distances
+
+    model = linear_model(torch.float64)
+    x, y = interior_batch(model, wrong=0)
+    w, b = model[1].weight, model[1].bias
+    classes = (y[:, None] + torch.tensor([1, 2, 5])) % K  # (B, 3) wrong classes
+    for norm in Norm:
+        d = first_order_distances(model, x, y, classes, norm)
+        z = x.flatten(1) @ w.T + b
+        margin = z.gather(1, y[:, None]) - z.gather(1, classes)
+        dual = torch.linalg.vector_norm(w[y][:, None] - w[classes], ord=DUAL[norm], dim=2)
+        torch.testing.assert_close(d, (margin / dual).detach().clamp_min(0))
+
+
 def test_unbroken_images_get_inf():
     model = linear_model()
     x, y = interior_batch(model, b=8, wrong=2)
@@ -210,11 +319,10 @@ def test_unbroken_images_get_inf():
     assert (found[:2] == 0).all() and found[2:].isinf().all()
 
 
-def test_targeted_runs_find_the_closest_class():
+def closest_class_problem():
     """y = 0; class 1 has the highest wrong logit but its boundary is 0.25 away in l2
     (||w_0 - w_1|| = 2, gap 0.5); class 2 is far below (gap 10) but 0.1 away
-    (||w_0 - w_2|| = 100): the cross-entropy leans towards class 1, the targeted run towards
-    class 2 finds the exact distance."""
+    (||w_0 - w_2|| = 100)."""
     w, bias = torch.zeros(K, D), torch.zeros(K)
     w[1, 1], bias[1] = 2.0, -1.5  # z_1 = -0.5 at x_1 = 0.5
     w[2, 2], bias[2] = 100.0, -60.0  # z_2 = -10 at x_2 = 0.5
@@ -227,6 +335,16 @@ def test_targeted_runs_find_the_closest_class():
     x = 0.45 + 0.1 * torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(0))
     x[:, 0, 0, 1:3] = 0.5
     y = torch.zeros(4, dtype=torch.long)
+    return model, x, y
+
+
+def test_targeted_runs_find_the_closest_class():
+    """On closest_class_problem the cross-entropy leans towards class 1, the targeted run
+    towards class 2 finds the exact distance; ranked by first-order distance (the default
+    search), class 2 is the first target, so one targeted run is enough."""
+    from lipexp.evaluation.distance_attacks import PGDSearch
+
+    model, x, y = closest_class_problem()
     z = model(x).detach()
     assert (z[:, 1:].argmax(1) == 0).all()  # class 1 has the highest wrong logit
     exact, _ = exact_distances(model, x, y, Norm.l2)
@@ -237,6 +355,9 @@ def test_targeted_runs_find_the_closest_class():
 
     assert max_rel_gap(distances(9), exact) <= 0.02
     assert (distances(0).double() > 1.5 * exact).all()  # the untargeted run alone fails
+    for order in ("nearest", "logit"):
+        found = PGDSearch("l2", targets=1, target_order=order).distances(model, x, y)
+        assert (max_rel_gap(found, exact) <= 0.02) == (order == "nearest"), (order, found)
 
 
 # --- the model is left as it was ---------------------------------------------------------

@@ -73,3 +73,20 @@ def test_hand_step_makes_lipexp_s_update(make_cfg, defence):
     grads = torch.autograd.grad(loss, list(net.parameters()))
     for a, p, gr in zip(hand, net.parameters(), grads, strict=True):
         torch.testing.assert_close(a, p.detach() - 0.1 * gr)
+
+
+def test_eval_benchmark_tiny_run_writes_its_json(tmp_path, one_thread):
+    spec = importlib.util.spec_from_file_location("bench_eval", REPO / "benchmarks" / "eval.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "eval.json"
+    bench.main(["--models", "small_cnn", "--protocols", "default", "--images", "6",
+                "--small-cnn-images", "6", "--threads", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert {"machine", "device", "torch", "bf16", "batch_size", "results"} <= report.keys()
+    assert [(r["model"], r["attack"]) for r in report["results"]] == [
+        ("small_cnn", "l2_pgd"), ("small_cnn", "linf_pgd")]
+    for r in report["results"]:
+        assert {"images", "seconds", "images_per_s", "forward_per_image", "backward_per_image",
+                "median"} <= r.keys()
+        assert r["images"] == 6 and r["forward_per_image"] > r["backward_per_image"] > 0

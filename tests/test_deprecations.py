@@ -77,3 +77,20 @@ def test_old_run_configs_are_upgraded():
     assert new["attacks"] == {
         "l2_deepfool": {"_target_": "lipexp.evaluation.distance_attacks.DeepFool"}}
     assert old["lip"]["norm"] == 1  # a copy: the caller's config is left as it was
+
+
+def test_the_pgd_search_of_old_configs_is_the_one_that_ran():
+    """lipexp <= 0.3 ran every PGD search with 0.3's settings (l2_pgd_full's); configs of
+    today's attacks state their settings, which the upgrade leaves alone."""
+    search = "lipexp.evaluation.distance_attacks.PGDSearch"
+    old = {"attacks": {"l2_pgd": {"_target_": search, "norm": "l2", "steps": 20},
+                       "l2_deepfool": {"_target_": "lipexp.evaluation.distance_attacks.DeepFool"}}}
+    new = upgrade_run_config(old)
+    assert new["attacks"]["l2_pgd"] == {"_target_": search, "norm": "l2", "steps": 20,
+                                        "factor": 2.0, "early_stop": False,
+                                        "target_order": "logit"}
+    assert new["attacks"]["l2_deepfool"] == old["attacks"]["l2_deepfool"]
+    for name in ("l2_pgd", "linf_pgd", "l2_pgd_full", "linf_pgd_full", "l2_gradient",
+                 "linf_fgsm"):  # every PGDSearch config says what it runs
+        today = yaml.safe_load((REPO / "conf" / "attacks" / f"{name}.yaml").read_text())
+        assert upgrade_run_config({"attacks": {name: today}})["attacks"][name] == today

@@ -17,6 +17,7 @@ from lipexp.evaluation.distance_attacks import (
     CarliniWagner,
     DeepFool,
     DistanceAttack,
+    FMNAttack,
     PGDSearch,
     SquareGrid,
 )
@@ -33,6 +34,8 @@ FLAGS = [
     (DeepFool(), False, False),
     (CarliniWagner(), False, False),
     (AutoAttack(), False, False),
+    (FMNAttack("l2"), False, False),
+    (FMNAttack("linf", steps=10, targets=0), False, False),
 ]
 
 
@@ -56,7 +59,9 @@ def test_settings_are_json_ready_and_name_the_class(attack):
 def test_settings_values():
     assert PGDSearch("linf", steps=1, eps_init=0.001, eps_max=1.0).settings() == {
         "attack": "PGDSearch", "fixed_size": None, "norm": "linf", "steps": 1, "rel_step": 2.5,
-        "targets": 9, "eps_init": 0.001, "eps_max": 1.0, "rtol": 0.02}
+        "targets": 3, "eps_init": 0.001, "eps_max": 1.0, "rtol": 0.02, "factor": 1.25,
+        "early_stop": True,
+        "target_order": "nearest"}
     assert AutoAttack(eps=0.1).settings()["fixed_size"] == 0.1
     assert SquareGrid(sizes=(0.2, 0.1)).settings()["sizes"] == (0.1, 0.2)  # sorted
 
@@ -66,6 +71,9 @@ def test_settings_values():
     lambda: PGDSearch("l2", eps_init=2.0, eps_max=1.0),
     lambda: PGDSearch("l2", rtol=1.0),
     lambda: PGDSearch("l1"),
+    lambda: PGDSearch("l2", steps=0),
+    lambda: PGDSearch("l2", targets=-1),
+    lambda: PGDSearch("l2", target_order="farthest"),
     lambda: DeepFool(steps=0),
     lambda: DeepFool(overshoot=-0.1),
     lambda: CarliniWagner(c=0.0),
@@ -75,6 +83,12 @@ def test_settings_values():
     lambda: SquareGrid(p_init=1.5),
     lambda: AutoAttack(eps=0.0),
     lambda: AutoAttack(version="standart"),
+    lambda: FMNAttack("l2", steps=0),
+    lambda: FMNAttack("l2", targets=-1),
+    lambda: FMNAttack("linf", alpha_init=-1.0),
+    lambda: FMNAttack("l2", alpha_final=2.0),
+    lambda: FMNAttack("l2", gamma_init=1.0),
+    lambda: FMNAttack("l1"),
 ])
 def test_bad_settings_are_refused(build):
     with pytest.raises(ValueError):
@@ -132,7 +146,7 @@ OPTIONS = sorted(p.stem for p in CONF.glob("*.yaml")
 
 def test_every_norm_has_its_options():
     assert {"l2_pgd", "linf_pgd", "linf_fgsm", "l2_gradient", "l2_deepfool", "l2_cw",
-            "linf_square", "linf_autoattack"} <= set(OPTIONS)
+            "linf_square", "linf_autoattack", "l2_fmn", "linf_fmn"} <= set(OPTIONS)
 
 
 @pytest.mark.parametrize("option", OPTIONS)

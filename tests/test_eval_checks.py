@@ -11,12 +11,20 @@ from torch import Tensor, nn
 
 from lipexp.attacks.threat import Norm
 from lipexp.evaluation.checks import (
+    attack_beats_reference_median,
     run_checks,
     vanishing_gradient_fraction,
     vanishing_gradients,
     weak_attack_beats_reference,
 )
-from lipexp.evaluation.distance_attacks import DeepFool, DistanceAttack, PGDSearch, SquareGrid
+from lipexp.evaluation.distance_attacks import (
+    AutoAttack,
+    DeepFool,
+    DistanceAttack,
+    FMNAttack,
+    PGDSearch,
+    SquareGrid,
+)
 
 INF = math.inf
 REFERENCE_L2 = PGDSearch("l2", steps=20)
@@ -111,3 +119,28 @@ def test_run_checks_composes_every_check():
     assert [w.split()[0] for w in checks["warnings"]] == ["the", "l2_gradient"]
     clean = run_checks({"l2_pgd": REFERENCE_L2}, {"l2_pgd": REF_D}, *gradients(10, 0))
     assert clean == {"warnings": [], "vanishing_gradient_fraction": 0.0}
+
+
+# REF_D's lower median is 1.0 (the third of five)
+@pytest.mark.parametrize(("median", "flagged"), [(0.94, True), (0.96, False), (1.2, False),
+                                                 (INF, False)])
+def test_an_attack_more_than_5_percent_below_pgd_in_median_is_flagged(median, flagged):
+    other = np.array([0.0, 0.1, median, 3.0, INF], dtype=np.float32)
+    warnings = attack_beats_reference_median(
+        {"l2_pgd": REFERENCE_L2, "l2_fmn": FMNAttack("l2")}, {"l2_pgd": REF_D, "l2_fmn": other})
+    assert len(warnings) == flagged
+    if flagged:
+        assert warnings[0].startswith("l2_fmn's median l2 distance 0.94 is more than 5% below "
+                                      "l2_pgd's 1")
+
+
+def test_the_median_check_compares_within_a_norm_and_skips_fixed_size_checks():
+    small = np.array([0.0, 0.1, 0.2, 0.3, INF], dtype=np.float32)
+    unbroken = np.array([0.0, INF, INF, INF, INF], dtype=np.float32)
+    attacks = {"l2_pgd": REFERENCE_L2, "linf_fmn": FMNAttack("linf"),
+               "linf_autoattack": AutoAttack(), "l2_deepfool": DeepFool()}
+    d = {"l2_pgd": unbroken, "linf_fmn": small, "linf_autoattack": small,
+         "l2_deepfool": small}
+    # linf attacks: no linf reference; an infinite PGD median is beaten by a finite one
+    (warning,) = attack_beats_reference_median(attacks, d)
+    assert warning.startswith("l2_deepfool's") and "l2_pgd's +inf" in warning

@@ -120,7 +120,9 @@ def test_model_is_left_as_found_and_channels_last_evaluates():
     cl = model.to(memory_format=torch.channels_last)
     ev_cl = evaluate(cl, x.to(memory_format=torch.channels_last), y, attacks,
                      error_at_sizes=SIZES)
-    np.testing.assert_allclose(ev_cl.distances["l2_pgd"], ev.distances["l2_pgd"], rtol=1e-4)
+    # Equal up to the search's bracket (rtol 2%): the layouts round convolutions differently,
+    # which can flip the success of an iterate that lies on the decision boundary.
+    np.testing.assert_allclose(ev_cl.distances["l2_pgd"], ev.distances["l2_pgd"], rtol=0.02)
 
 
 class Quantized(nn.Module):
@@ -139,7 +141,7 @@ def test_vanishing_gradients_are_flagged():
 
 
 def test_first_order_distance_is_exact_for_the_nearest_logit_on_a_linear_model():
-    from lipexp.attacks.search import first_order_distance
+    from lipexp.attacks.first_order import first_order_distance
 
     model, x, y, exact = linear_problem()
     with torch.no_grad():

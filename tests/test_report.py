@@ -420,8 +420,11 @@ def test_runs_of_lipexp_0_1_are_reported_with_todays(make_cfg, tmp_path):
     summary = report(tmp_path)
     (row,) = summary["rows"]
     assert row["defence"] == "J1-Lip1 & tanh" and row["n_seeds"] == 2 and row["seeds"] == [0, 1]
-    # the one difference is the test fixture's own (make_cfg turns the model summary off)
-    assert row["notes"] == ["runs differ in `trainer.enable_model_summary`"]
+    # the differences: lipexp 0.4's cheaper PGD search (lipexp 0.1 ran l2_pgd_full's settings,
+    # which the note names) and the test fixture's own (make_cfg turns the model summary off)
+    assert row["notes"] == ["runs differ in " + ", ".join(
+        f"`attacks.{a}.{k}`" for a in ("l2_pgd", "linf_pgd")
+        for k in ("early_stop", "factor", "target_order")) + ", `trainer.enable_model_summary`"]
     assert set(row["attacks"]) == {"l2_pgd", "linf_pgd", "l2_deepfool"}
     assert row["attacks"]["l2_deepfool"]["n"] == 2
 

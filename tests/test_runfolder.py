@@ -158,6 +158,22 @@ def test_config_differences_of_a_lipexp_0_1_folder():
         "lip.dual_norm: 2 -> 1"]
 
 
+def test_a_lipexp_0_3_evaluation_is_not_resumed_with_todays_search():
+    """Resuming a lipexp 0.3 folder with the steps and targets it ran still differs in the
+    search settings the upgrade fills in with the values that ran."""
+    search = "lipexp.evaluation.distance_attacks.PGDSearch"
+    old = {**CONFIG, "attacks": {"l2_pgd": {"_target_": search, "steps": 20}}}
+    today = {"_target_": search, "steps": 20, "factor": 1.25, "early_stop": True,
+             "target_order": "nearest"}
+    assert config_differences(old, {**CONFIG, "attacks": {"l2_pgd": today}},
+                              older_version=True) == [
+        "attacks.l2_pgd.early_stop: False -> True", "attacks.l2_pgd.factor: 2.0 -> 1.25",
+        "attacks.l2_pgd.target_order: 'logit' -> 'nearest'"]
+    full = {**today, "factor": 2.0, "early_stop": False, "target_order": "logit"}
+    assert config_differences(old, {**CONFIG, "attacks": {"l2_pgd": full}},
+                              older_version=True) == []
+
+
 def test_a_folder_refuses_a_command_with_another_config(tmp_path):
     folder = RunFolder(tmp_path / "run")
     with folder.record({"config": CONFIG}):

@@ -27,6 +27,8 @@ def adversarial_distances(
     eps_max: float,
     rtol: float = 0.02,
     max_iter: int = 64,
+    targets: Tensor | None = None,
+    factor: float = 2.0,
 ) -> Tensor:
     """The adversarial distance ``d_i`` of each image for ``attack(model, x, y, eps) ->
     (x_adv, success)`` (e.g. ``PGD``), measured in ``norm``; (B,), in ``x``'s dtype.
@@ -34,10 +36,13 @@ def adversarial_distances(
     - ``d_i = 0`` for an image misclassified clean (one forward pass in eval mode);
     - otherwise each image has its own bracket ``[lo, hi]``: ``lo`` the largest size at
       which the attack failed (0 at first), ``hi`` the norm of the smallest successful
-      adversarial example found so far. Grow: from ``eps_init`` (one size, or one per
-      image), double the size while the attack fails, trying ``eps_max`` itself before
-      giving up (``d_i = +inf``: unbroken at ``eps_max``). Then bisect, attacking at
-      ``(lo + hi) / 2``, until ``hi - lo <= rtol * lo``; ``d_i = hi``.
+      adversarial example found so far. From ``eps_init`` (one size, or one per image):
+      while the attack fails, grow the size by ``factor``, trying ``eps_max`` itself
+      before giving up (``d_i = +inf``: unbroken at ``eps_max``); while it succeeds with no
+      failure yet, shrink ``hi`` by ``factor``. Each such step squares the image's factor,
+      up to 2 (1.25, 1.5625, 2, 2, ...: small steps around a good first estimate, doubling
+      far from it; with ``factor = 2``, plain doubling and halving). Then bisect, attacking
+      at ``(lo + hi) / 2``, until ``hi - lo <= rtol * lo``; ``d_i = hi``.
 
     Guarantee: a finite ``d_i > 0`` is the exact norm of an example that the attack found
     and reported misclassified, so the model's true adversarial distance is ``<= d_i``; and
@@ -48,12 +53,18 @@ def adversarial_distances(
     whose bracket is still open (a sub-batch). ``max_iter`` caps the rounds: an image still
     open then keeps the best example found (possibly +inf), with a warning.
 
+    ``targets`` (B, k): per-image classes handed to each call as
+    ``attack(..., targets=targets[idx])`` (PGD's targeted runs); None: not passed.
+
     Cost: about ``log2(d_i / eps_init) + log2(1 / rtol) + 2`` attack calls per image (about
-    8 to 12 for sensible ``eps_init``), plus one forward pass.
+    8 to 12 for sensible ``eps_init``), plus one forward pass; with ``factor = 1.25`` and
+    ``eps_init`` within 25% of ``d_i``, about ``log2(0.25 / rtol) + 2`` (6).
     """
     eps_init = torch.as_tensor(eps_init, dtype=x.dtype, device=x.device)
-    if not (bool((eps_init > 0).all()) and eps_max > 0 and rtol > 0 and max_iter >= 1):
-        raise ValueError("need eps_init > 0, eps_max > 0, rtol > 0 and max_iter >= 1")
+    if not (bool((eps_init > 0).all()) and eps_max > 0 and rtol > 0 and max_iter >= 1
+            and 1 < factor <= 2):
+        raise ValueError("need eps_init > 0, eps_max > 0, rtol > 0, max_iter >= 1 and "
+                         "1 < factor <= 2")
     threat = THREATS[to_norm(norm)]
     x = x.detach()
     with torch.no_grad(), eval_mode(model), torch.autocast(x.device.type, enabled=False):
@@ -62,20 +73,25 @@ def adversarial_distances(
     lo = torch.zeros(len(x), dtype=x.dtype, device=x.device)
     hi = torch.where(wrong, 0.0, torch.inf).to(lo)  # norm of the smallest example found
     eps = eps_init.expand(len(x)).clamp(max=eps_max).clone()  # the next size to try
+    step = torch.full_like(lo, factor)  # (B,) each image's next growth / shrink factor
     open_ = ~wrong
     for _ in range(max_iter):
         idx = open_.nonzero()[:, 0]
         if not idx.numel():
             break
         e = eps[idx]
-        x_adv, success = attack(model, x[idx], y[idx], e)
+        aim = {} if targets is None else {"targets": targets[idx]}
+        x_adv, success = attack(model, x[idx], y[idx], e, **aim)
         size = threat.norm(x_adv.detach() - x[idx])  # (b,), the found examples' norms
         h = torch.where(success, torch.minimum(hi[idx], size), hi[idx])
         lo_ = torch.where(success, lo[idx], torch.maximum(lo[idx], e))
-        found = h.isfinite()
-        # Unbroken: double (eps_max is tried exactly, then given up). Broken: bisect; an
-        # inverted bracket (an example smaller than a failing size) also closes.
-        eps[idx] = torch.where(found, (lo_ + h) / 2, torch.minimum(2 * e, eps_max_t))
+        found, g = h.isfinite(), step[idx]
+        # Unbroken: grow (eps_max is tried exactly, then given up). Broken, no failure yet:
+        # shrink. Both: bisect; an inverted bracket (an example smaller than a failing
+        # size) also closes.
+        eps[idx] = torch.where(found, torch.where(lo_ > 0, (lo_ + h) / 2, h / g),
+                               torch.minimum(g * e, eps_max_t))
+        step[idx] = (g * g).clamp(max=2.0)
         open_[idx] = ~torch.where(found, h - lo_ <= rtol * lo_, e >= eps_max_t)
         hi[idx], lo[idx] = h, lo_
     if open_.any():
@@ -85,22 +101,3 @@ def adversarial_distances(
             stacklevel=2,
         )
     return hi
-
-
-def first_order_distance(model: nn.Module, x: Tensor, y: Tensor, norm: Norm | str) -> Tensor:
-    """Distance to the decision boundary of the model's linearization at x, (B,):
-
-    ``d0 = (z_y - z_k) / ||grad_x (z_y - z_k)||_*``, k the most likely wrong class, ``||.||_*``
-    the dual norm (l2 for l2, l1 for l-infinity); 0 where x is misclassified. Exact for a
-    linear model (nearest class by logit); one forward and backward pass. A good first
-    size for ``adversarial_distances``: it saves the rounds spent growing from far below.
-    """
-    dual = {Norm.l2: 2, Norm.linf: 1}[to_norm(norm)]
-    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
-        x = x.detach().clone().requires_grad_(True)
-        z = model(x)
-        z_y = z.gather(1, y[:, None])[:, 0]
-        z_k = z.scatter(1, y[:, None], -torch.inf).max(dim=1).values
-        (g,) = torch.autograd.grad((z_y - z_k).sum(), x)
-    g_norm = torch.linalg.vector_norm(g.flatten(1), ord=dual, dim=1)
-    return ((z_y - z_k).detach() / g_norm.clamp_min(torch.finfo(g.dtype).tiny)).clamp_min(0)

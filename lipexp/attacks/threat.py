@@ -31,6 +31,11 @@ class ThreatModel(ABC):
         """``||delta_i||`` for each image: (B, ...) -> (B,)."""
 
     @abstractmethod
+    def dual_norm(self, grad: Tensor) -> Tensor:
+        """``||grad_i||_*`` for each image, the dual norm, (B, ...) -> (B,): the largest
+        first-order change ``<grad_i, delta>`` over ``||delta|| <= 1``."""
+
+    @abstractmethod
     def init(self, x: Tensor, eps: Tensor, random: bool) -> Tensor:
         """The start of an attack: ``x`` itself, or (``random``) a random point of the set."""
 
@@ -47,6 +52,10 @@ class L2(ThreatModel):
     def norm(self, delta: Tensor) -> Tensor:
         """``||delta_i||_2 = sqrt(sum_k delta_ik^2)``."""
         return torch.linalg.vector_norm(delta.flatten(1), ord=2, dim=1)
+
+    def dual_norm(self, grad: Tensor) -> Tensor:
+        """``||g_i||_2``: l2 is its own dual."""
+        return self.norm(grad)
 
     def init(self, x: Tensor, eps: Tensor, random: bool) -> Tensor:
         """``x``, or ``x + r u`` clamped to [0, 1]: ``u`` uniform on the unit sphere (a
@@ -84,6 +93,10 @@ class Linf(ThreatModel):
     def norm(self, delta: Tensor) -> Tensor:
         """``||delta_i||_inf = max_k |delta_ik|``."""
         return delta.flatten(1).abs().amax(dim=1)
+
+    def dual_norm(self, grad: Tensor) -> Tensor:
+        """``||g_i||_1 = sum_k |g_ik|``, the dual of l-infinity."""
+        return grad.flatten(1).abs().sum(dim=1)
 
     def init(self, x: Tensor, eps: Tensor, random: bool) -> Tensor:
         """``x``, or a point uniform in the intersection of the cube with [0, 1], itself a

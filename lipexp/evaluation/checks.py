@@ -4,13 +4,16 @@
 composes them into results.json's ``checks`` entry.
 """
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
 from torch import Tensor
 
+from lipexp.evaluation.curves import median_distance
 from lipexp.evaluation.distance_attacks import DistanceAttack
 
+MEDIAN_GAP = 0.05  # an attack whose median is this far below PGD's (relative) signals trouble
 VANISHING = 1e-12  # an input gradient below this l2 norm counts as vanished
 MAX_VANISHED = 0.01  # largest fraction of vanished gradients that passes
 
@@ -63,12 +66,39 @@ def weak_attack_beats_reference(attacks: Mapping[str, DistanceAttack],
     return warnings
 
 
+def attack_beats_reference_median(attacks: Mapping[str, DistanceAttack],
+                                  distances: Mapping[str, np.ndarray],
+                                  gap: float = MEDIAN_GAP) -> list[str]:
+    """A warning for each attack with a median (not a fixed-size check) whose median
+    distance is more than ``gap`` below the reference attack's of its norm:
+    ``median_a < (1 - gap) * median_ref`` (an infinite reference median is beaten by any
+    finite one). PGD's search should find about the smallest examples; an attack that does
+    much better (FMN, CW, DeepFool) means PGD is too weak here or its gradients are masked,
+    and the reference's numbers should not be cited alone."""
+    warnings = []
+    for name, attack in attacks.items():
+        if attack.reference or attack.fixed_size is not None:
+            continue
+        median = median_distance(distances[name])
+        for ref_name, ref_attack in attacks.items():
+            if not ref_attack.reference or ref_attack.norm != attack.norm:
+                continue
+            ref = median_distance(distances[ref_name])
+            if median < (1 - gap) * ref:
+                theirs = "+inf" if math.isinf(ref) else f"{ref:.4g}"
+                warnings.append(f"{name}'s median {attack.norm.value} distance {median:.4g} is "
+                                f"more than {gap:.0%} below {ref_name}'s {theirs}: PGD is too "
+                                "weak on this model or its gradients are masked")
+    return warnings
+
+
 def run_checks(attacks: Mapping[str, DistanceAttack], distances: Mapping[str, np.ndarray],
                per_example: Mapping[str, Tensor], clean_wrong: Tensor) -> dict:
     """``{"warnings": [...], "vanishing_gradient_fraction": float | None}``, results.json's
     ``checks``: every check's warnings, and the fraction of vanished input gradients."""
     return {
         "warnings": (vanishing_gradients(per_example, clean_wrong)
-                     + weak_attack_beats_reference(attacks, distances)),
+                     + weak_attack_beats_reference(attacks, distances)
+                     + attack_beats_reference_median(attacks, distances)),
         "vanishing_gradient_fraction": vanishing_gradient_fraction(per_example, clean_wrong),
     }

@@ -17,8 +17,10 @@ import torch
 import torchattacks
 from torch import Tensor, nn
 
-from lipexp.attacks.pgd import PGD
-from lipexp.attacks.search import adversarial_distances, first_order_distance
+from lipexp.attacks.first_order import first_order_distance, first_order_distances
+from lipexp.attacks.fmn import FMN
+from lipexp.attacks.pgd import PGD, to_norm
+from lipexp.attacks.search import adversarial_distances
 from lipexp.attacks.threat import THREATS, Norm
 from lipexp.errors import require
 from lipexp.model_state import eval_mode, frozen_parameters
@@ -81,32 +83,57 @@ def _minimal_norm_distances(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tenso
     return torch.where(_misclassified(model, x, y), torch.zeros_like(d), d)
 
 
+class TargetOrder(str, Enum):
+    """Which wrong classes PGD's targeted runs aim at, first to last."""
+
+    logit = "logit"  # the highest clean logits (lipexp <= 0.3)
+    nearest = "nearest"  # the smallest first-order distances (lipexp.attacks.first_order)
+
+
+RANK_CANDIDATES = 9  # TargetOrder.nearest ranks the 9 highest wrong logits (all classes
+# on 10): one backward pass each, which on 100 classes would cost more than the attack
+
+
 @dataclass(frozen=True)
 class PGDSearch(DistanceAttack):
     """PGD at a per-image size found by search (``lipexp.attacks.search``); with one step
     and ``rel_step=1`` it is FGSM (linf) or the gradient attack (l2).
+
+    Each image's search starts at its first-order distance estimate (at least
+    ``eps_init``): a start near the answer saves the rounds of growing from far below.
+    With ``target_order=nearest`` the estimate is the smallest over the ``RANK_CANDIDATES``
+    most likely wrong classes, and the targeted runs aim at the ``targets`` classes with the
+    smallest estimates (DeepFool's choice, exact for a linear model), ranked once per image
+    rather than at every size; ``early_stop`` ends each image's PGD run at its first
+    success (the search needs success at a size, not the smallest example there).
 
     Iterative (``steps > 1``): the reference attack of its norm. One step: a weak attack,
     which must never break more images than the reference at any size.
     """
 
     norm: Norm
-    steps: int = 20
+    steps: int = 10
     rel_step: float = 2.5  # step size = rel_step * eps / steps
-    targets: int = 9
+    targets: int = 3
     eps_init: float = 0.01  # smallest first size, in the attack's norm, pixels in [0, 1]
     eps_max: float = 20.0  # largest size searched
     rtol: float = 0.02
+    factor: float = 1.25  # the search's first step from the estimate (x or / 1.25)
+    early_stop: bool = True
+    target_order: TargetOrder = TargetOrder.nearest
     _pgd: PGD | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", Norm(self.norm))
-        require(0 < self.eps_init <= self.eps_max and 0 < self.rtol < 1,
-                f"PGDSearch needs 0 < eps_init <= eps_max and 0 < rtol < 1, got "
-                f"{self.eps_init}, {self.eps_max}, {self.rtol}")
+        object.__setattr__(self, "target_order", TargetOrder(self.target_order))
+        require(0 < self.eps_init <= self.eps_max and 0 < self.rtol < 1
+                and 1 < self.factor <= 2,
+                f"PGDSearch needs 0 < eps_init <= eps_max, 0 < rtol < 1 and 1 < factor <= 2, "
+                f"got {self.eps_init}, {self.eps_max}, {self.rtol}, {self.factor}")
         # Built (and its settings checked) now, when the run starts, not after training.
         object.__setattr__(self, "_pgd", PGD(self.norm, steps=self.steps,
-                                             rel_step=self.rel_step, targets=self.targets))
+                                             rel_step=self.rel_step, targets=self.targets,
+                                             early_stop=self.early_stop))
 
     @property
     def weak(self) -> bool:
@@ -117,11 +144,57 @@ class PGDSearch(DistanceAttack):
         return self.steps > 1
 
     def _distances(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        """Each image's search starts at its first-order distance estimate (at least
-        eps_init): a start near the answer saves the rounds of growing from far below."""
-        start = first_order_distance(model, x, y, self.norm).clamp(min=self.eps_init)
-        return adversarial_distances(model, x, y, self._pgd, self.norm, start, self.eps_max,
-                                     self.rtol)
+        targets = None  # TargetOrder.logit: PGD ranks them at each size
+        if self.target_order == TargetOrder.nearest and self.targets:
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                logits = model(x)
+            wrong = logits.scatter(1, y[:, None], -torch.inf)  # (B, K), y excluded
+            pool = wrong.topk(min(max(self.targets, RANK_CANDIDATES), wrong.shape[1] - 1),
+                              dim=1).indices  # (B, C)
+            d = first_order_distances(model, x, y, pool, self.norm)  # (B, C)
+            targets = pool.gather(1, d.argsort(dim=1, stable=True))  # nearest first
+            start = d.amin(dim=1)
+        else:
+            start = first_order_distance(model, x, y, self.norm)
+        return adversarial_distances(model, x, y, self._pgd, self.norm,
+                                     start.clamp(min=self.eps_init), self.eps_max, self.rtol,
+                                     targets=targets, factor=self.factor)
+
+
+@dataclass(frozen=True)
+class FMNAttack(DistanceAttack):
+    """FMN (Pintor et al. 2021; lipexp.attacks.fmn): the distance is the norm of the
+    smallest misclassified iterate, 0 for an image misclassified clean, +inf when none.
+
+    Neither weak nor reference: its distances are upper bounds of the true ones, like
+    PGD's, found another way: a cross-check of the PGD search. Cost per image: FMN's
+    ``1 + targets * (steps + 1) + 1`` forward passes (``steps + 2`` with ``targets=0``;
+    ``targets`` at most classes - 1), two more here (the returned point and the clean
+    image checked by ``_minimal_norm_distances``), and ``targets * steps`` backward
+    passes; by default 238 and 225.
+    """
+
+    norm: Norm
+    steps: int = 25  # per run
+    targets: int = 9  # runs towards the most likely wrong classes; 0: one untargeted run
+    alpha_init: float = 1.0  # first step length, a fraction of the radius eps_k
+    alpha_final: float = 0.01  # last one (cosine-annealed in between)
+    gamma_init: float = 0.05  # first relative change of the radius eps_k per step
+    gamma_final: float = 0.001  # last one
+    _fmn: FMN | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "norm", to_norm(self.norm))
+        # Built (and its settings checked) now, when the run starts, not after training.
+        object.__setattr__(self, "_fmn", FMN(self.norm, steps=self.steps, targets=self.targets,
+                                             alpha_init=self.alpha_init,
+                                             alpha_final=self.alpha_final,
+                                             gamma_init=self.gamma_init,
+                                             gamma_final=self.gamma_final))
+
+    def _distances(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        x_adv, _ = self._fmn(model, x, y)
+        return _minimal_norm_distances(model, x, x_adv, y, self.norm)
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,9 @@ class Evaluator:
     sizes (pixels in [0, 1]) whose error results.json reports for each attack of that norm;
     ``grid_points`` the sizes of each error curve; ``bf16`` attacks under bfloat16 autocast;
     ``lipschitz`` adds the Lipschitz analysis (the model's upper bound, the largest input
-    Jacobian norm by ``jacobian_iterations`` power iterations per image, certified radii).
-    The settings' ranges are checked by the config schema (lipexp.config.EvalConfig).
+    Jacobian norm by ``jacobian_iterations`` power iterations per image, certified radii);
+    ``progress`` shows a bar per attack. The settings' ranges are checked by the config
+    schema (lipexp.config.EvalConfig).
     """
 
     def __init__(self, attacks: Mapping[str, DistanceAttack], n_images: int | None = None,
@@ -36,10 +37,10 @@ class Evaluator:
                  error_at_l2: Sequence[float] = (0.0, 0.1, 0.5, 1.5),
                  error_at_linf: Sequence[float] = (2 / 255, 8 / 255),
                  grid_points: int = 100, bf16: bool = False, lipschitz: bool = True,
-                 jacobian_iterations: int = 20) -> None:
+                 jacobian_iterations: int = 20, progress: bool = True) -> None:
         self.attacks = dict(attacks)
-        self.n_images, self.batch_size, self.grid_points, self.bf16 = (
-            n_images, batch_size, grid_points, bf16)
+        self.n_images, self.batch_size, self.grid_points, self.bf16, self.progress = (
+            n_images, batch_size, grid_points, bf16, progress)
         self.lipschitz_iterations = jacobian_iterations if lipschitz else 0
         self.error_at = {Norm.l2: tuple(error_at_l2), Norm.linf: tuple(error_at_linf)}
 
@@ -58,7 +59,8 @@ class Evaluator:
         log.info("robustness evaluation: %d images, attacks %s", n, list(self.attacks))
         evaluation = evaluate(net, x[:n], y[:n], self.attacks, error_at_sizes=self.error_at,
                               batch_size=self.batch_size, grid_points=self.grid_points,
-                              bf16=self.bf16, lipschitz_iterations=self.lipschitz_iterations)
+                              bf16=self.bf16, lipschitz_iterations=self.lipschitz_iterations,
+                              progress=self.progress)
         if evaluation is None:  # not rank 0
             return None
         evaluation.results["files"] = write_outputs(evaluation, output_dir)
