@@ -12,12 +12,13 @@ import re
 import shlex
 import shutil
 import sys
+import time
 from pathlib import Path
 
 CONF = Path(__file__).resolve().parents[1] / "conf"  # the repository's, beside run.py
 # The settings a re-evaluation takes from its own command line, with their sub-keys; the
 # checkpoint's config decides the rest.
-EVALUATION = ("eval", "attacks")
+EVALUATION = ("eval", "attacks", "logger")  # logger=none: no logger for the evaluation
 # Paths that ``lipexp eval`` may set too, taken literally (quoted for Hydra): the output
 # folder, and where the data set is read (when the run's own data folder is not here).
 EVAL_PATHS = ("hydra.run.dir", "data.data_dir", "paths.data_dir")
@@ -137,12 +138,21 @@ def run_py_eval(args: list[str]) -> int:
         print("run.py mode=eval: error: give one ckpt_path=PATH of a checkpoint (or use "
               "lipexp eval RUN_DIR_OR_CHECKPOINT)", file=sys.stderr)
         return 1
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     target = paths[0].partition("=")[2]
     try:
         (parsed,) = OverridesParser.create().parse_overrides(paths)
         target = parsed.value() if isinstance(parsed.value(), str) else target  # unquoted
+        if "${" in target:  # an interpolation (${oc.env:CKPT}), resolved as Hydra would
+            target = str(OmegaConf.create({"path": target}).path)
     except OverrideParseException:
         pass  # a path that Hydra's grammar cannot read (adv=l2,...): taken as it is
+    except OmegaConfBaseException as e:
+        print(f"run.py mode=eval: error: {paths[0]}: {' '.join(str(e).split())}",
+              file=sys.stderr)
+        return 1
     return _eval(target, rest)
 
 
@@ -174,23 +184,37 @@ def eval_command(target: Path, overrides: list[str]) -> dict:
     ValueError, Hydra's and OmegaConf's errors, FileNotFoundError, CheckpointError,
     RunFolderError."""
     overrides = _eval_overrides(target, overrides)
+    given = [o for o in overrides if under(override_key(o), EVALUATION)]  # not the paths
     from hydra import compose, initialize_config_dir  # imported now: torch loads slowly
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
 
     from lipexp import reevaluate
     from lipexp.checkpoint import load_run_checkpoint
     from lipexp.config import register
+    from lipexp.deprecations import chosen_options, notices
+    from lipexp.resolvers import eval_dirname
     from lipexp.runfolder import RunFolder
 
+    for notice in notices(chosen_options({}, given)):  # old attack names, as run.py says
+        print(f"warning: {notice}", file=sys.stderr)
     register()
     with initialize_config_dir(config_dir=str(CONF), job_name="run", version_base="1.3"):
-        reevaluate.check_settings(compose("config", overrides=overrides))
+        cfg = compose("config", overrides=overrides)
+        reevaluate.check_settings(cfg)
         checkpoint = (_final_or_newest(RunFolder(target), load_run_checkpoint)
                       if target.is_dir() else load_run_checkpoint(target))
+        # the attacks that will run (the run's own, unless chosen here), for the folder name
+        _, attacks = reevaluate.evaluation_config(cfg, OmegaConf.create(checkpoint.config),
+                                                  given)
+        if not any(override_key(o) == "hydra.run.dir" for o in overrides):
+            folder = eval_dirname(str(checkpoint.path), list(attacks),
+                                  time.strftime("%Y%m%d-%H%M%S"))
+            overrides = [*overrides, f"hydra.run.dir={hydra_quoted(folder)}"]
 
         def job(cfg):  # Hydra reports a failed job in several lines; _eval does in one
             try:
-                return reevaluate.evaluate_checkpoint(cfg, checkpoint)
+                return reevaluate.evaluate_checkpoint(cfg, checkpoint, given)
             except Exception as e:
                 return e
 
@@ -225,7 +249,8 @@ def _eval_overrides(target: Path, overrides: list[str]) -> list[str]:
 
     refused = [o for o in overrides if not under(override_key(o), (*EVALUATION, *EVAL_PATHS))]
     require(not refused, f"{refused[0] if refused else ''}: lipexp eval overrides only eval.*, "
-            f"attacks (attacks=[...], attacks.NAME.*) and the paths {', '.join(EVAL_PATHS)}; "
+            f"attacks (attacks=[...], attacks.NAME.*), logger and the paths "
+            f"{', '.join(EVAL_PATHS)}; "
             "the checkpoint's own config decides the rest")
     require(target.exists(), f"{target}: no such run folder or checkpoint file")
     paths = [str(target), *(o.partition("=")[2] for o in overrides
@@ -275,16 +300,17 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = commands.add_parser(
         "eval", help="a run's robustness evaluation, again: its checkpoint, with its own config",
         description="Evaluate a run's checkpoint again, as `python run.py mode=eval "
-        "ckpt_path=PATH` does: with the checkpoint's own config; this command sets the "
-        "evaluation (settings not given: conf/'s defaults; the command a run prints at its "
-        "end carries the run's own). The results go to RUN/eval/<attacks>-<time>/ (or "
-        "hydra.run.dir=...).")
+        "ckpt_path=PATH` does: with the checkpoint's own config, its evaluation settings "
+        "included; overrides change them (eval.KEY=..., attacks=[...] chooses the attacks, "
+        "attacks.NAME.KEY=... changes one, logger=none). The results go to "
+        "RUN/eval/<attacks>-<time>/ (or hydra.run.dir=...).")
     evaluate.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT",
                           help="a run folder (its newest readable checkpoint, "
                           "checkpoints/last.ckpt at the end of training) or a checkpoint file")
     evaluate.add_argument("overrides", nargs="*", metavar="OVERRIDE",
                           help="eval.KEY=VALUE, attacks=[l2_pgd,...], attacks.NAME.KEY=VALUE, "
-                          "hydra.run.dir=FOLDER, data.data_dir=FOLDER (paths taken literally)")
+                          "logger=none, hydra.run.dir=FOLDER, data.data_dir=FOLDER (paths "
+                          "taken literally)")
     # Overrides may come after options (data=mnist --split test data.download=false): the
     # ones argparse leaves over are overrides too; anything else is rejected as before.
     args, extra = parser.parse_known_args(argv)

@@ -15,6 +15,7 @@ from lipexp.build import build_datamodule, build_evaluator, build_module
 from lipexp.checkpoint import RunCheckpoint, load_run_checkpoint, load_weights
 from lipexp.cli import override_key, reevaluate_command
 from lipexp.config import as_plain_dict, validate
+from lipexp.errors import require
 from lipexp.evaluation.runner import Evaluator
 from lipexp.loggers import closing_logger
 from lipexp.provenance import provenance
@@ -32,13 +33,14 @@ def check_settings(cfg: DictConfig) -> Evaluator:
     return build_evaluator(cfg)
 
 
-def evaluate_checkpoint(cfg: DictConfig, checkpoint: RunCheckpoint | None = None
-                        ) -> dict[str, Any]:
+def evaluate_checkpoint(cfg: DictConfig, checkpoint: RunCheckpoint | None = None,
+                        overrides: list[str] | None = None) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` with the checkpoint's own config, its evaluation included;
     this command's ``eval.*`` and ``attacks`` overrides change it (``evaluation_config``),
     and the output folder and, when the one the run was trained with does not exist here,
     the data folder come from this command. Without overrides the numbers equal the run's
-    own evaluation.
+    own evaluation. ``overrides``: this command's (None: the Hydra job's, none outside one);
+    ``logger=...`` among them replaces the run's logger.
     ``checkpoint``: the one at ``cfg.ckpt_path``, already read (``lipexp eval`` reads it
     before Hydra makes the output folder).
 
@@ -52,8 +54,11 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: RunCheckpoint | None = None
         if not cfg.ckpt_path:
             raise FileNotFoundError("mode=eval needs ckpt_path=PATH of a checkpoint")
         checkpoint = load_run_checkpoint(cfg.ckpt_path)
+    overrides = _overrides() if overrides is None else overrides
     run_cfg = OmegaConf.create(checkpoint.config)
-    run_cfg.eval, run_cfg.attacks = evaluation_config(cfg, run_cfg, _overrides())
+    run_cfg.eval, run_cfg.attacks = evaluation_config(cfg, run_cfg, overrides)
+    if any(override_key(o).split(".")[0] == "logger" for o in overrides):
+        run_cfg.logger = cfg.logger  # this command's choice (logger=none: no logger)
     evaluator = build_evaluator(run_cfg)  # the run's settings passed their checks then
     run_cfg.paths.output_dir = cfg.paths.output_dir
     if run_cfg.data.get("on_device"):  # the training split stays where it is: not needed
@@ -91,17 +96,27 @@ def evaluation_config(cfg: DictConfig, run_cfg: DictConfig, overrides: list[str]
     ``overrides`` on top, their values taken from ``cfg`` (this command's config):
     ``eval.KEY=...`` replaces that setting; ``attacks=[...]`` chooses the attacks (with
     conf/attacks/'s settings and this command's ``attacks.NAME.KEY``); without it,
-    ``attacks.NAME.KEY=...`` changes one setting of the run's attack NAME."""
+    ``attacks.NAME.KEY=...`` changes one setting of the run's attack NAME,
+    ``attacks.NAME=...`` replaces it and ``~attacks.NAME`` drops it. ValueError for an
+    ``attacks.NAME...`` override of an attack the run did not have."""
     keys = [override_key(o) for o in overrides]
     evaluation = OmegaConf.merge(run_cfg.get("eval") or cfg.eval, {
         k.split(".", 1)[1]: OmegaConf.select(cfg, k) for k in keys if k.startswith("eval.")})
-    if "attacks" in keys or not run_cfg.get("attacks"):
+    if "attacks" in keys or run_cfg.get("attacks") is None:
         return evaluation, cfg.attacks
     attacks = OmegaConf.create(OmegaConf.to_container(run_cfg.attacks))
-    for key in keys:
-        _, name, setting = (key.split(".", 2) + ["", ""])[:3]
-        if key.startswith("attacks.") and setting and name in attacks:
-            OmegaConf.update(attacks, f"{name}.{setting}", OmegaConf.select(cfg, key))
+    for override, key in zip(overrides, keys):
+        if not key.startswith("attacks."):
+            continue
+        name, _, setting = key.removeprefix("attacks.").partition(".")
+        require(name in attacks, f"{override}: the run has no attack {name} (its attacks: "
+                f"{', '.join(attacks) or 'none'}); choose the attacks with attacks=[...]")
+        if override.startswith("~"):
+            node, field = (attacks, name) if not setting else (attacks[name], setting)
+            del node[field]
+        else:
+            OmegaConf.update(attacks, key.removeprefix("attacks."), OmegaConf.select(cfg, key),
+                             merge=False)
     return evaluation, attacks
 
 

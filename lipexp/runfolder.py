@@ -228,14 +228,22 @@ class RunFolder:
 
         RunFolderError, with what to do, for: a completed run or an unfinished one whose
         config differs from ``config`` (the resolved config of this command) in anything
-        but the ``CHANGEABLE`` settings; an unfinished run without ``resume``; ``resume``
-        without a checkpoint.
+        but the ``CHANGEABLE`` settings (a completed run that differs in its evaluation
+        settings only is returned, with a warning: ``lipexp eval`` re-evaluates it); an
+        unfinished run without ``resume``; ``resume`` without a checkpoint.
         """
         previous = read_results(self.results)
         recorded = previous.get("config") if isinstance(previous, dict) else None
         if config is not None and isinstance(recorded, dict):
             version = (previous.get("provenance") or {}).get("lipexp")
             changed = config_differences(recorded, config, older_version=version != __version__)
+            evaluation_only = all(c.startswith(("attacks.", "eval.")) for c in changed)
+            if changed and evaluation_only and previous.get("status") == "completed":
+                # trained as this command would train it: the run stands, with its numbers
+                log.warning("%s is already completed, evaluated with other settings (%s); its "
+                            "results stand. To evaluate it with this command's: lipexp eval "
+                            "%s", self.path, "; ".join(changed), self.path)
+                return previous
             if changed:
                 what = ("completed" if previous.get("status") == "completed" else
                         "unfinished")

@@ -132,6 +132,7 @@ def test_the_command_printed_at_the_end_of_training_re_evaluates_the_run(trained
     proc = command(*args, cwd=tmp_path)  # the console script, from anywhere
     assert proc.returncode == 0, proc.stderr[-3000:]
     (folder,) = evaluations(run) - before
+    assert folder.name.startswith("l2_pgd-")  # named by the attacks that ran: the run's
     assert_same_evaluation(run, folder)
     results = json.loads((folder / "results.json").read_text())
     assert results["reevaluate"] == shlex.join(
@@ -220,7 +221,7 @@ def test_the_console_entry_exits_with_1(tmp_path):
     ("attacks.l2_pgd.steps=0", "steps must be >= 1, got 0"),
     ("eval.n_images=-1", "eval.n_images must be > 0"),
     ("seed=1", "seed=1: lipexp eval overrides only eval.*, attacks"),
-    ("logger=wandb", "logger=wandb: lipexp eval overrides only eval.*, attacks"),
+    ("trainer.max_epochs=3", "trainer.max_epochs=3: lipexp eval overrides only eval.*, "),
 ])
 def test_bad_settings_are_refused_before_any_checkpoint_is_read(trained, capsys, monkeypatch,
                                                                override, message):
@@ -276,6 +277,26 @@ def test_the_evaluation_is_the_runs_own_with_this_commands_overrides(make_cfg):
     assert attacks == {"l2_pgd": {"_target_": "x.PGDSearch", "steps": 3, "factor": 2.0}}
     _, attacks = evaluation("attacks=[l2_fmn]", "attacks.l2_fmn.steps=4")  # chosen anew
     assert list(attacks) == ["l2_fmn"] and attacks["l2_fmn"]["steps"] == 4
+    assert evaluation("~attacks.l2_pgd")[1] == {}  # dropped
+    assert evaluation("~attacks.l2_pgd.factor")[1] == {"l2_pgd": {"_target_": "x.PGDSearch",
+                                                                  "steps": 20}}
+    with pytest.raises(ValueError, match="the run has no attack linf_pgd"):
+        evaluation("attacks.linf_pgd.steps=5")  # silently nothing, else
+    run_cfg.attacks = {}  # a run evaluated with no attack: none again, not conf/'s
+    assert evaluation()[1] == {}
+
+
+def test_run_py_takes_an_interpolated_checkpoint_path(trained):
+    run, _ = trained
+    before = evaluations(run)
+    env = {**ENV, "CKPT": str(run / "checkpoints" / "last.ckpt")}
+    proc = subprocess.run([sys.executable, "run.py", "mode=eval", "ckpt_path=${oc.env:CKPT}",
+                           "attacks=[gradient]", "eval.n_images=4"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "attacks=gradient is deprecated" in proc.stderr  # the notices, as run.py's
+    (folder,) = evaluations(run) - before
+    assert folder.name.startswith("gradient-")
 
 
 def test_run_py_refuses_bad_input_before_making_a_folder(trained, tmp_path):

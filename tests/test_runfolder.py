@@ -174,7 +174,7 @@ def test_a_lipexp_0_3_evaluation_is_not_resumed_with_todays_search():
                               older_version=True) == []
 
 
-def test_a_folder_refuses_a_command_with_another_config(tmp_path):
+def test_a_folder_refuses_a_command_with_another_config(tmp_path, caplog):
     folder = RunFolder(tmp_path / "run")
     with folder.record({"config": CONFIG}):
         pass
@@ -182,6 +182,12 @@ def test_a_folder_refuses_a_command_with_another_config(tmp_path):
     with pytest.raises(RunFolderError,
                        match=r"completed run with another config.*lip.lam: 0.1 -> 0.3"):
         folder.completed_results(False, changed(lip={"lam": 0.3}))
+    # only the evaluation differs (lipexp 0.4's cheaper search): the completed run stands
+    with caplog.at_level(logging.WARNING, logger="lipexp.runfolder"):
+        done = folder.completed_results(False, changed(eval={"lipschitz": False}))
+    assert done["status"] == "completed" and "lipexp eval" in caplog.text
+    with pytest.raises(RunFolderError, match=r"eval.lipschitz.*lip.lam"):
+        folder.completed_results(False, changed(eval={"lipschitz": False}, lip={"lam": 0.3}))
     with pytest.raises(KeyboardInterrupt), folder.record({"config": CONFIG}):
         raise KeyboardInterrupt
     folder.last.parent.mkdir(parents=True)
@@ -189,6 +195,8 @@ def test_a_folder_refuses_a_command_with_another_config(tmp_path):
     with pytest.raises(RunFolderError, match=r"unfinished run with another config.*adv.eps"):
         folder.completed_results(True, changed(adv={"eps": 0.1}))
     assert folder.completed_results(True, changed(trainer={"max_epochs": 30})) is None
+    with pytest.raises(RunFolderError, match=r"unfinished run with another config"):
+        folder.completed_results(True, changed(eval={"lipschitz": False}))  # not evaluated yet
 
 
 def hold_lock(folder: RunFolder) -> subprocess.Popen:

@@ -41,10 +41,10 @@ def test_mode_eval_reproduces_the_end_of_training_evaluation(make_cfg, tmp_path)
         assert key in saved["attacks"]["l2_pgd"]
     assert set(saved["stability"]) >= {"grad_loss_l2", "jac_2_inf", "grad_loss_l1", "jac_1_1"}
 
-    cfg = make_cfg("mode=eval", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
-                   "eval.n_images=40", "attacks=[l2_pgd,linf_pgd]", "logger=none",
+    evaluation = ["eval.n_images=40", "attacks=[l2_pgd,linf_pgd]", "logger=none"]
+    cfg = make_cfg("mode=eval", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", *evaluation,
                    output_dir=tmp_path / "eval")
-    evaluated = evaluate_checkpoint(cfg)
+    evaluated = evaluate_checkpoint(cfg, overrides=evaluation)  # as on a command line
     assert evaluated["attacks"] == trained["attacks"]
     assert evaluated["stability"] == trained["stability"]
     a = np.load(out / "distances.npz")
@@ -91,7 +91,7 @@ def test_a_checkpoint_of_an_earlier_lipexp_is_evaluated_the_same(make_cfg, tmp_p
     for name, path in [("new", new), ("old", old)]:
         cfg = make_cfg("mode=eval", f"ckpt_path={path}", *overrides[2:],
                        output_dir=tmp_path / name)
-        results[name] = evaluate_checkpoint(cfg)
+        results[name] = evaluate_checkpoint(cfg, overrides=overrides[2:])
     assert results["old"]["status"] == "completed"
     assert results["old"]["config"]["lip"]["dual_norm"] == 2
     assert results["old"]["attacks"] == results["new"]["attacks"]
