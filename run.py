@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lipexp.cli import quote_ckpt_path, run_py_eval
+from lipexp.cli import is_eval, quote_ckpt_path, run_py_eval
 from lipexp.config import Mode, register, unknown_choices
 from lipexp.ddp_launch import child_argv
 from lipexp.deprecations import chosen_options, notices, rename_keys
@@ -22,8 +22,7 @@ if (argv := child_argv()) is not None:
 sys.argv[1:], KEY_NOTICES = rename_keys(sys.argv[1:])  # lip.norm=1 -> lip.dual_norm=1
 # ckpt_path=outputs/adv=l2,head=tanh/checkpoints/last.ckpt: a path as a Hydra quoted string
 sys.argv[1:] = quote_ckpt_path(sys.argv[1:])
-if __name__ == "__main__" and "mode=eval" in sys.argv[1:] and not any(
-        a.startswith("-") for a in sys.argv[1:]):  # not -m, --cfg, --help: Hydra's own
+if __name__ == "__main__" and is_eval(sys.argv[1:]):
     # one re-evaluation: lipexp eval's checks, before Hydra makes any folder
     sys.exit(run_py_eval(sys.argv[1:]))
 if __name__ == "__main__" and (unknown := unknown_choices(

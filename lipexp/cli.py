@@ -68,9 +68,10 @@ def _misread(override: str) -> bool:
     return parsed.value() != value and Path(value).exists()
 
 
-def reevaluate_command(target: str | Path) -> str:
-    """``lipexp eval /abs/target``, shell-quoted: the command that evaluates ``target`` (a run
-    folder or checkpoint) again, with the run's own evaluation settings. ``lipexp`` is this
+def reevaluate_command(target: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> str:
+    """``lipexp eval /abs/target [overrides]``, shell-quoted: the command that evaluates
+    ``target`` (a run folder or checkpoint) again, with the run's own evaluation settings
+    and ``overrides`` (an evaluation's own, so that it repeats itself). ``lipexp`` is this
     environment's console script when the shell finds it, else ``python -m lipexp.cli`` with
     this interpreter's absolute path (``make run`` does not activate the virtual
     environment)."""
@@ -78,7 +79,7 @@ def reevaluate_command(target: str | Path) -> str:
     here = Path(sys.executable).parent
     command = (["lipexp"] if script and Path(script).resolve().parent == here.resolve()
                else [sys.executable, "-m", "lipexp.cli"])
-    return shlex.join([*command, "eval", str(Path(target).resolve())])
+    return shlex.join([*command, "eval", str(Path(target).resolve()), *overrides])
 
 
 def _report(folder: str) -> int:
@@ -125,6 +126,13 @@ def _lipschitz_data(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def is_eval(args: list[str]) -> bool:
+    """Whether run.py's arguments ask for one re-evaluation: ``mode=eval`` (or quoted) and
+    no option (``-m``, ``--cfg``, ``--help``: Hydra's own)."""
+    modes = [a.partition("=")[2].strip("'\"") for a in args if override_key(a) == "mode"]
+    return bool(modes) and modes[-1] == "eval" and not any(a.startswith("-") for a in args)
+
+
 def run_py_eval(args: list[str]) -> int:
     """``python run.py mode=eval ckpt_path=PATH [overrides]`` as ``lipexp eval PATH
     [overrides]``: the same checks, all before Hydra makes a folder (Hydra's own job would
@@ -133,7 +141,7 @@ def run_py_eval(args: list[str]) -> int:
     from hydra.errors import OverrideParseException
 
     paths = [a for a in args if override_key(a) == "ckpt_path"]
-    rest = [a for a in args if a != "mode=eval" and override_key(a) != "ckpt_path"]
+    rest = [a for a in args if override_key(a) not in ("mode", "ckpt_path")]
     if len(paths) != 1 or not paths[0].partition("=")[2]:
         print("run.py mode=eval: error: give one ckpt_path=PATH of a checkpoint (or use "
               "lipexp eval RUN_DIR_OR_CHECKPOINT)", file=sys.stderr)
@@ -153,12 +161,12 @@ def run_py_eval(args: list[str]) -> int:
         print(f"run.py mode=eval: error: {paths[0]}: {' '.join(str(e).split())}",
               file=sys.stderr)
         return 1
-    return _eval(target, rest)
+    return _eval(target, rest, prog="run.py mode=eval")
 
 
-def _eval(target: str, overrides: list[str]) -> int:
-    """Evaluate ``target`` again (``eval_command``); exit status 1, with one line on stderr,
-    when it cannot be."""
+def _eval(target: str, overrides: list[str], prog: str = "lipexp eval") -> int:
+    """Evaluate ``target`` again (``eval_command``); exit status 1, with one line on stderr
+    (``prog: error: ...``), when it cannot be."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -169,7 +177,7 @@ def _eval(target: str, overrides: list[str]) -> int:
     except (HydraException, OmegaConfBaseException, ValueError, OSError, RuntimeError,
             Stopped) as e:  # RuntimeError: RunFolderError, a folder in use; out of memory
         cause = f": {e.__cause__}" if e.__cause__ and str(e.__cause__) not in str(e) else ""
-        print(f"lipexp eval: error: {' '.join(f'{e}{cause}'.split())}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(f'{e}{cause}'.split())}", file=sys.stderr)
         return 1
     return 0
 
@@ -185,9 +193,15 @@ def eval_command(target: Path, overrides: list[str]) -> dict:
     RunFolderError."""
     overrides = _eval_overrides(target, overrides)
     given = [o for o in overrides if under(override_key(o), EVALUATION)]  # not the paths
+    settings = []  # attacks.NAME.* without attacks=[...]: for the run's own attack NAME,
+    if "attacks" not in map(override_key, given):  # which conf/'s list may not have
+        settings = [o for o in overrides if override_key(o).startswith("attacks.")]
+        overrides = [o for o in overrides if o not in settings]
     from hydra import compose, initialize_config_dir  # imported now: torch loads slowly
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from lipexp import reevaluate
     from lipexp.checkpoint import load_run_checkpoint
@@ -202,11 +216,20 @@ def eval_command(target: Path, overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=str(CONF), job_name="run", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
         reevaluate.check_settings(cfg)
+        try:  # attacks.NAME.* checked now where conf/'s list has NAME, else with the run's
+            early = compose("config", overrides=[*overrides, *settings]) if settings else None
+        except (HydraException, OmegaConfBaseException):
+            early = None
+        if early is not None:
+            reevaluate.check_settings(early)
         checkpoint = (_final_or_newest(RunFolder(target), load_run_checkpoint)
                       if target.is_dir() else load_run_checkpoint(target))
-        # the attacks that will run (the run's own, unless chosen here), for the folder name
-        _, attacks = reevaluate.evaluation_config(cfg, OmegaConf.create(checkpoint.config),
-                                                  given)
+        # the evaluation that will run (the run's own, with the overrides), its settings
+        # checked and its attacks naming the folder, before Hydra makes it
+        run_cfg = OmegaConf.create(checkpoint.config)
+        run_cfg.eval, attacks = reevaluate.evaluation_config(cfg, run_cfg, given)
+        run_cfg.attacks = attacks
+        reevaluate.check_settings(run_cfg)
         if not any(override_key(o) == "hydra.run.dir" for o in overrides):
             folder = eval_dirname(str(checkpoint.path), list(attacks),
                                   time.strftime("%Y%m%d-%H%M%S"))
@@ -252,6 +275,9 @@ def _eval_overrides(target: Path, overrides: list[str]) -> list[str]:
             f"attacks (attacks=[...], attacks.NAME.*), logger and the paths "
             f"{', '.join(EVAL_PATHS)}; "
             "the checkpoint's own config decides the rest")
+    loggers = [o for o in overrides if override_key(o).startswith("logger.")]
+    require(not loggers, f"{loggers[0] if loggers else ''}: lipexp eval takes logger=OPTION "
+            "(logger=none, csv, wandb, ...), not the logger's settings: the run's own are used")
     require(target.exists(), f"{target}: no such run folder or checkpoint file")
     paths = [str(target), *(o.partition("=")[2] for o in overrides
                             if override_key(o) in EVAL_PATHS)]

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
@@ -75,7 +76,9 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: RunCheckpoint | None = None
         with folder.log_file(), GracefulStop(folder.path).handling(), \
                 folder.record(entries) as results:
             _evaluate(cfg, folder, run_cfg, checkpoint, evaluator, results)
-            results["reevaluate"] = reevaluate_command(checkpoint.path)
+            results["reevaluate"] = reevaluate_command(  # this evaluation, repeated
+                checkpoint.path, [o for o in overrides if override_key(o).split(".")[0]
+                                  in ("eval", "attacks", "logger")])
             log.info("re-evaluate: %s", results["reevaluate"])
     print(f"Run folder: {folder.path.resolve()}")
     print(f"Re-evaluate: {results['reevaluate']}")
@@ -114,8 +117,9 @@ def evaluation_config(cfg: DictConfig, run_cfg: DictConfig, overrides: list[str]
         if override.startswith("~"):
             node, field = (attacks, name) if not setting else (attacks[name], setting)
             del node[field]
-        else:
-            OmegaConf.update(attacks, key.removeprefix("attacks."), OmegaConf.select(cfg, key),
+        else:  # the value as Hydra reads it (the command's config need not have NAME)
+            (parsed,) = OverridesParser.create().parse_overrides([override])
+            OmegaConf.update(attacks, key.removeprefix("attacks."), parsed.value(),
                              merge=False)
     return evaluation, attacks
 
@@ -134,7 +138,9 @@ def _refuse_to_overwrite(folder: RunFolder) -> None:
 def _evaluate(cfg: DictConfig, folder: RunFolder, run_cfg: DictConfig,
               checkpoint: RunCheckpoint, evaluator: Evaluator, results: dict[str, Any]) -> None:
     """The evaluation itself, its numbers added to ``results`` and logged."""
-    folder.save_hydra_record(cfg)
+    record = OmegaConf.to_container(cfg)  # the command's, with the evaluation that ran
+    record |= {"eval": results["config"]["eval"], "attacks": results["config"]["attacks"]}
+    folder.save_hydra_record(OmegaConf.create(record))
     pl.seed_everything(run_cfg.seed, workers=True)
     module = build_module(run_cfg)
     load_weights(module, checkpoint)

@@ -237,12 +237,17 @@ class RunFolder:
         if config is not None and isinstance(recorded, dict):
             version = (previous.get("provenance") or {}).get("lipexp")
             changed = config_differences(recorded, config, older_version=version != __version__)
-            evaluation_only = all(c.startswith(("attacks.", "eval.")) for c in changed)
+            evaluation_only = all(c.split(":")[0].split(".")[0] in ("attacks", "eval")
+                                  for c in changed)
             if changed and evaluation_only and previous.get("status") == "completed":
                 # trained as this command would train it: the run stands, with its numbers
-                log.warning("%s is already completed, evaluated with other settings (%s); its "
-                            "results stand. To evaluate it with this command's: lipexp eval "
-                            "%s", self.path, "; ".join(changed), self.path)
+                from lipexp.cli import reevaluate_command
+
+                log.warning("%s is already completed, evaluated with other settings (this "
+                            "command: %s); its results stand. To evaluate it again with "
+                            "these settings: %s, with them as overrides (eval.KEY=..., "
+                            "attacks=[...])", self.path, "; ".join(changed),
+                            reevaluate_command(self.path))
                 return previous
             if changed:
                 what = ("completed" if previous.get("status") == "completed" else

@@ -116,6 +116,8 @@ def test_lipexp_eval_of_a_run_folder_reproduces_its_evaluation_and_logs_it(train
     assert_same_evaluation(run, folder)
     results = json.loads((folder / "results.json").read_text())
     assert results["checkpoint"] == str(run / "checkpoints" / "last.ckpt")
+    assert shlex.split(results["reevaluate"])[-4:] == [  # this evaluation, repeated
+        str(run / "checkpoints" / "last.ckpt"), *EVAL]
     # the run's own logger (logger=csv), writing into the evaluation's folder
     (row,) = csv.DictReader((folder / "csv" / "version_0" / "metrics.csv").open())
     assert float(row["test/l2_pgd_median"]) == results["attacks"]["l2_pgd"]["median"]
@@ -222,6 +224,7 @@ def test_the_console_entry_exits_with_1(tmp_path):
     ("eval.n_images=-1", "eval.n_images must be > 0"),
     ("seed=1", "seed=1: lipexp eval overrides only eval.*, attacks"),
     ("trainer.max_epochs=3", "trainer.max_epochs=3: lipexp eval overrides only eval.*, "),
+    ("logger.name=x", "logger.name=x: lipexp eval takes logger=OPTION"),
 ])
 def test_bad_settings_are_refused_before_any_checkpoint_is_read(trained, capsys, monkeypatch,
                                                                override, message):
@@ -284,6 +287,10 @@ def test_the_evaluation_is_the_runs_own_with_this_commands_overrides(make_cfg):
         evaluation("attacks.linf_pgd.steps=5")  # silently nothing, else
     run_cfg.attacks = {}  # a run evaluated with no attack: none again, not conf/'s
     assert evaluation()[1] == {}
+    # an attack that conf/'s default list lacks: its value read from the override itself
+    run_cfg.attacks = {"l2_gradient": {"_target_": "x.PGDSearch", "steps": 1, "rtol": 0.02}}
+    _, attacks = evaluation_config(make_cfg(), run_cfg, ["attacks.l2_gradient.rtol=0.05"])
+    assert attacks["l2_gradient"]["rtol"] == 0.05
 
 
 def test_run_py_takes_an_interpolated_checkpoint_path(trained):
