@@ -21,7 +21,6 @@ one model, and use a trained checkpoint for numbers to cite. Writes one JSON fil
 """
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lipexp.files import write_json_atomic  # noqa: E402
+from lipexp.provenance import machine  # noqa: E402
 
 MODELS = {"small_cnn": ("mnist", (1, 28, 28)), "resnet34": ("cifar10", (3, 32, 32))}
 PROTOCOLS = {"default": ["l2_pgd", "linf_pgd"], "full": ["l2_pgd_full", "linf_pgd_full"],
@@ -119,19 +119,6 @@ def run_one(net, x, y, protocol: str, args) -> list[dict]:
     return rows
 
 
-def machine(args) -> str:
-    if args.device == "cuda":
-        return torch.cuda.get_device_name(0)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {torch.get_num_threads()} torch threads"
-
-
 def table(results: list[dict]) -> str:
     lines = ["| model | attack | images | seconds | images/s | forward/image | backward/image"
              " | median |", "|---|---|---|---|---|---|---|---|"]
@@ -185,7 +172,7 @@ def main(argv=None) -> dict:
                 results.append({"model": model, **row})
                 print(f"{model} {row['attack']}: {row['images_per_s'] or 0:.1f} images/s, "
                       f"{row['forward_per_image']:.0f} forward passes per image", flush=True)
-    report = {"machine": machine(args), "device": args.device, "torch": torch.__version__,
+    report = {"machine": machine(args.device), "device": args.device, "torch": torch.__version__,
               "bf16": args.bf16, "batch_size": args.batch_size,
               "checkpoint": args.checkpoint, "results": results}
     out = Path(args.out or REPO / "benchmarks" / "results" /

@@ -30,8 +30,6 @@ import argparse
 import json
 import logging
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -48,6 +46,7 @@ sys.path.insert(0, str(REPO))
 # bookkeeping shared with lipexp, not the step's math: full float32 (autocast and TF32 off),
 # batch norm's running statistics kept, the length of a clipped step
 import lipexp.defences.finite_difference as fd  # noqa: E402
+from lipexp.provenance import machine  # noqa: E402
 
 MODELS = {  # name -> (conf/model choice, extra overrides, image shape (C, H, W))
     "small_cnn": ("small_cnn", [], (1, 28, 28)),
@@ -350,19 +349,6 @@ def loader_throughput(args, shape=(3, 32, 32), n: int = 50000, seconds: float = 
 # ----------------------------------------------------------------- main
 
 
-def machine(args) -> str:
-    if args.device == "cuda":
-        return torch.cuda.get_device_name(0)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores, {args.threads} torch threads"
-
-
 def table(results: list[dict]) -> str:
     lines = ["| model | defence | head | hand ms | lipexp ms | lipexp / hand (median of pairs) "
              "| wall ms (data module) | x J0 (lipexp) |",
@@ -421,7 +407,7 @@ def main(argv=None) -> dict:
                 print(json.dumps(r), flush=True)
                 results.append(r)
     report = {
-        "machine": machine(args),
+        "machine": machine(args.device),
         "device": args.device,
         "torch": torch.__version__,
         "batch_size": args.batch_size,

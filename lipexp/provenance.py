@@ -1,5 +1,7 @@
 """Where a number came from: the code (lipexp commit, versions), the command and the time."""
 
+import os
+import platform
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -36,3 +38,18 @@ def provenance() -> dict[str, Any]:
         "pytorch_lightning": pl.__version__,
         "command": sys.argv,
     }
+
+
+def machine(device: str) -> str:
+    """The machine a timing was taken on: the GPU's name on ``cuda``, else the CPU's model,
+    its cores and the torch threads (benchmarks/ record it with their numbers)."""
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"

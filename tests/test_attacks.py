@@ -2,6 +2,7 @@
 configs, and the adversarial distance search against the exact distances of linear models."""
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -395,7 +396,9 @@ def conv_batch(model: nn.Module, b: int = 8):
     return x, y
 
 
-def test_model_state_is_untouched():
+def assert_model_left_as_found(attack: Callable[[nn.Module, torch.Tensor, torch.Tensor], object]):
+    """``attack(model, x, y)`` on a conv model in mixed modes, with a frozen weight and
+    gradients set, leaves modes, ``requires_grad``, gradients and state as they were."""
     model = conv_model()
     x, y = conv_batch(model)
     model.train()
@@ -407,15 +410,22 @@ def test_model_state_is_untouched():
     state = copy.deepcopy(model.state_dict())  # parameters and BN running statistics
     flags = [p.requires_grad for p in model.parameters()]
 
-    attack = PGD("linf", steps=3, targets=2)
-    attack(model, x, y, torch.full((len(x),), 0.05))
-    adversarial_distances(model, x, y, attack, "linf", 0.01, 0.2)
+    attack(model, x, y)
 
     assert [m.training for m in model.modules()] == modes
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all((p.grad == 7.0).all() for p in model.parameters())
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_model_state_is_untouched():
+    def attack(model, x, y):
+        pgd = PGD("linf", steps=3, targets=2)
+        pgd(model, x, y, torch.full((len(x),), 0.05))
+        adversarial_distances(model, x, y, pgd, "linf", 0.01, 0.2)
+
+    assert_model_left_as_found(attack)
 
 
 def test_channels_last_gives_the_same_distances():

@@ -16,6 +16,7 @@ from tests.test_attacks import (
     SHAPE,
     D,
     K,
+    assert_model_left_as_found,
     conv_batch,
     conv_model,
     exact_distances,
@@ -177,25 +178,11 @@ def test_default_cost_is_within_the_evaluation_budget():
 
 
 def test_model_state_is_untouched():
-    model = conv_model()
-    x, y = conv_batch(model)
-    model.train()
-    model[4].eval()  # mixed modes, each restored as it was
-    model[3].weight.requires_grad_(False)
-    for p in model.parameters():
-        p.grad = torch.full_like(p, 7.0)
-    modes = [m.training for m in model.modules()]
-    state = copy.deepcopy(model.state_dict())  # parameters and BN running statistics
-    flags = [p.requires_grad for p in model.parameters()]
+    def attack(model, x, y):
+        FMN("linf", steps=3, targets=2)(model, x, y)  # on its own: parameters not frozen
+        FMNAttack("l2", steps=3, targets=2).distances(model, x, y)
 
-    FMN("linf", steps=3, targets=2)(model, x, y)  # on its own: parameters not frozen
-    FMNAttack("l2", steps=3, targets=2).distances(model, x, y)
-
-    assert [m.training for m in model.modules()] == modes
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert all((p.grad == 7.0).all() for p in model.parameters())
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k]), k
+    assert_model_left_as_found(attack)
 
 
 def test_works_under_inference_mode():
