@@ -15,6 +15,10 @@ For each model x defence (x head):
   compute-only median.
 - ``loader``: images/s of the data module's training loader alone (one process), and with
   the conversion and augmentation of ``on_after_batch_transfer``.
+- ``versus`` (``--versus A:B,...``): what one defence costs against another, the
+  hand-written steps of A and B alternating on one network (A, B, A, B, ...): the median
+  of the paired ratios A / B. (The hand-written step makes lipexp's update, tests/
+  test_benchmarks.py, and its time is lipexp's within the ``compute`` ratio.)
 
 Synthetic data of the study's shapes (CIFAR 3x32x32, 10 classes; the small CNN 1x28x28
 as MNIST): speed does not depend on the pixels. Writes one JSON file
@@ -24,6 +28,8 @@ as MNIST): speed does not depend on the pixels. Writes one JSON file
     python benchmarks/step.py --models resnet34 --defences j0,j2-lip2 --steps 20
     python benchmarks/step.py --device cuda --batch-size 128 --precision bf16
     python benchmarks/step.py --device cuda --batch-size 512 --precision bf16 --on-device
+    python benchmarks/step.py --models resnet34 --defences j2-lip2-fd \
+        --versus j2-lip2-fd:j2-lip2,j2-lip2-fd:j2,j2-lip2-fd:j0
 """
 
 import argparse
@@ -62,6 +68,8 @@ DEFENCES = {  # name -> config overrides
     "j0-lip2": ["adv=j0", "lip=lip2"],
     "j2-lip2": ["adv=j2", "lip=lip2"],
     "j2-lip2-fd": ["adv=j2", "lip=lip2", "lip.method=fd"],
+    "j0-lip2-fd": ["adv=j0", "lip=lip2", "lip.method=fd"],
+    "j2-lip2-fd-point": ["adv=j2", "lip=lip2", "lip.method=fd", "lip.direction=point"],
     "j2-lip2-fd-reuse": ["adv=j2", "lip=lip2", "lip.method=fd", "lip.reuse_adv_gradient=true"],
 }
 DEFAULT_DEFENCES = ["j0", "j1", "j2", "j0-lip1", "j0-lip2", "j2-lip2", "j2-lip2-fd"]
@@ -85,36 +93,56 @@ def hand_step(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, 
         hand_reuse_step(net, opt, x, y, s)
         return
     with autocast():
+        g_attack = None
         if s["adv"] in ("j1", "j2"):
             net.eval()
             xg = x.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(F.cross_entropy(net(xg), y, reduction="sum"), xg)
+            (g_attack,) = torch.autograd.grad(F.cross_entropy(net(xg), y, reduction="sum"), xg)
             net.train()
-            x = (x + s["eps"] * _direction(g, 1 if s["adv"] == "j1" else 2)).clamp(0, 1)
+            x = (x + s["eps"] * _direction(g_attack, 1 if s["adv"] == "j1" else 2)).clamp(0, 1)
         x = x.detach()
         if s["lip"] is None:
             loss = F.cross_entropy(net(x), y)
         else:
             p, lam = s["lip"]["dual_norm"], s["lip"]["lam"]
             lam = lam / math.sqrt(x[0].numel()) if s["lip"]["lam_over_sqrt_n"] else lam
-            xr = x.requires_grad_(True)
             if s["lip"]["method"] == "exact":
+                xr = x.requires_grad_(True)
                 losses = F.cross_entropy(net(xr), y, reduction="none")
                 (g,) = torch.autograd.grad(losses.sum(), xr, create_graph=True)
                 norms = g.flatten(1).norm(p=p, dim=1)
-            else:  # fd: both forward passes in full float32 (no autocast, no TF32)
-                h = s["lip"]["h"]
-                with fd.float32(x):
-                    losses = F.cross_entropy(net(xr).float(), y, reduction="none")
-                    (g,) = torch.autograd.grad(losses.sum(), xr, retain_graph=True)
-                    xh = x.detach() + h * _direction(g, p)
-                    with fd.running_stats_kept(net):  # batch norm counts one batch per step
-                        losses_h = F.cross_entropy(net(xh).float(), y, reduction="none")
-                norms = (losses_h - losses) / h * (math.sqrt(x[0].numel()) if p == 1 else 1)
+            else:
+                losses, norms = hand_fd(net, x, y, p, s["lip"]["h"],
+                                        g_attack if s["lip"]["direction"] == "attack" else None)
             loss = losses.mean() + lam * norms.max() / len(y)  # batch_mean scaling
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+
+
+def hand_fd(net: nn.Module, x: Tensor, y: Tensor, p: int, h: float,
+            g: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(losses, norms) of the fd estimate in full float32 (no autocast, no TF32): d from the
+    attack's gradient ``g`` (or from each image's gradient at x), the batch statistics at x held
+    fixed at x + h d, a graph there for the arg-max image only (its norm the only one with a
+    gradient: the penalty takes the max)."""
+    stats = fd.BatchStatistics(net)
+    with fd.float32(x):
+        with stats.record():  # batch norm's one running-statistics update of the step
+            losses = F.cross_entropy(net(x.detach()).float(), y, reduction="none")
+        if g is None:  # each image's own gradient: the statistics as constants
+            xr = x.detach().requires_grad_(True)
+            with stats.fixed(differentiable=False):
+                (g,) = torch.autograd.grad(F.cross_entropy(net(xr).float(), y,
+                                                           reduction="sum"), xr)
+        xh = x.detach() + h * _direction(g, p)
+        with stats.fixed():
+            with torch.no_grad():
+                losses_h = F.cross_entropy(net(xh).float(), y, reduction="none")
+            k = (losses_h - losses.detach()).argmax().view(1)
+            loss_k = F.cross_entropy(net(xh[k]).float(), y[k], reduction="none")
+    scale = math.sqrt(x[0].numel()) if p == 1 else 1.0
+    return losses, (loss_k - losses[k]) / h * scale
 
 
 def hand_reuse_step(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
@@ -147,6 +175,7 @@ def hand_settings(cfg) -> dict:
     lip = None
     if "dual_norm" in cfg.lip:
         lip = {k: cfg.lip[k] for k in ("dual_norm", "lam", "lam_over_sqrt_n", "h")}
+        lip["direction"] = str(getattr(cfg.lip.direction, "value", cfg.lip.direction))
         lip["reuse"] = bool(cfg.lip.reuse_adv_gradient)
         lip["method"] = str(cfg.lip.method.value if hasattr(cfg.lip.method, "value")
                             else cfg.lip.method)
@@ -316,6 +345,45 @@ def run_one(model: str, defence: str, head: str, args) -> dict:
     return result
 
 
+def run_versus(model: str, pairs: list[tuple[str, str]], head: str, args) -> list[dict]:
+    """Interleaved hand-written steps of two defences on one network (same weights, same
+    batch): the median of the paired ratios A / B, per pair."""
+    from lipexp.build import build_module
+
+    _pl().seed_everything(0, verbose=False)
+    device = torch.device(args.device)
+    clock = Clock(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = build_module(compose(model, pairs[0][0], head, args)).net.to(device).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
+    x, y = synthetic(MODELS[model][2], args.batch_size)
+    x, y = x.float().div(255).to(device), y.to(device)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=args.precision == "bf16")
+
+    def timed(settings) -> float:
+        t0 = clock()
+        hand_step(net, opt, x, y, settings, autocast)
+        return clock() - t0
+
+    results = []
+    for a, b in pairs:
+        sa, sb = (hand_settings(compose(model, d, head, args)) for d in (a, b))
+        for _ in range(args.warmup):
+            timed(sa), timed(sb)
+        times = [(timed(sa), timed(sb)) for _ in range(args.steps)]
+        ratios = [ta / tb for ta, tb in times]
+        results.append({"model": model, "head": head, "a": a, "b": b,
+                        "a_ms": 1e3 * statistics.median(t for t, _ in times),
+                        "b_ms": 1e3 * statistics.median(t for _, t in times),
+                        "ratio_median": statistics.median(ratios),
+                        "ratio_q25_q75": _quartiles(ratios), "steps": len(ratios)})
+    return results
+
+
 def loader_throughput(args, shape=(3, 32, 32), n: int = 50000, seconds: float = 2.0) -> dict:
     """Images/s of the data module's training loader (one process), alone and with the
     uint8 -> float conversion and augmentation (CIFAR-10's crop, flip, cutout)."""
@@ -383,12 +451,19 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="+model.compile=true")
     p.add_argument("--channels-last", action="store_true", help="+model.channels_last=true")
     p.add_argument("--on-device", action="store_true", help="data.on_device=true (GPU)")
+    p.add_argument("--versus", default="", help="A:B,C:D: interleaved defence pairs "
+                   "(hand-written steps), the median paired ratio A / B per model and head")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = p.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 128 if args.device == "cuda" else 32
+    args.pairs = [tuple(pair.split(":")) for pair in args.versus.split(",") if pair]
+    if any(len(pair) != 2 for pair in args.pairs):
+        p.error(f"--versus takes A:B pairs, got {args.versus}")
     for name, known in [("models", MODELS), ("defences", DEFENCES)]:
         unknown = set(getattr(args, name).split(",")) - set(known)
+        if name == "defences":
+            unknown |= {d for pair in args.pairs for d in pair} - set(known)
         if unknown:
             p.error(f"unknown {name}: {', '.join(sorted(unknown))}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -399,13 +474,16 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    results = []
+    results, versus = [], []
     for model in args.models.split(","):
-        for defence in args.defences.split(","):
-            for head in args.heads.split(","):
+        for head in args.heads.split(","):
+            for defence in filter(None, args.defences.split(",")):
                 r = run_one(model, defence, head, args)
                 print(json.dumps(r), flush=True)
                 results.append(r)
+            if args.pairs:
+                versus += run_versus(model, args.pairs, head, args)
+                print(json.dumps(versus[-len(args.pairs):]), flush=True)
     report = {
         "machine": machine(args.device),
         "device": args.device,
@@ -418,6 +496,7 @@ def main(argv=None) -> dict:
         "steps": args.steps,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": results,
+        "versus": versus,
     }
     if args.loader_seconds > 0:
         report |= loader_throughput(args, seconds=args.loader_seconds)
@@ -426,6 +505,9 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(table(results))
+    for v in versus:
+        print(f"{v['model']} {v['head']}: {v['a']} / {v['b']} = {v['ratio_median']:.3f} "
+              f"(median of {v['steps']} pairs; {v['a_ms']:.1f} / {v['b_ms']:.1f} ms)")
     for key in ("loader_images_per_s", "loader_augment_images_per_s"):
         if key in report:
             print(f"{key}: {report[key]:,.0f}")

@@ -1,13 +1,15 @@
 """The objects of a run, each built from its config group: the LightningModule, the data
 module, the evaluation and the Trainer. Building reads no data."""
 
+import warnings
+
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lipexp.config import as_plain_dict
 from lipexp.data.datamodule import ImageDataModule
-from lipexp.defences.finite_difference import share_adversarial_passes
+from lipexp.defences.finite_difference import compose
 from lipexp.defences.lipschitz import needs_double_backward
 from lipexp.errors import require
 from lipexp.evaluation.runner import Evaluator
@@ -27,8 +29,16 @@ def build_module(cfg: DictConfig) -> RobustClassifier:
     # the constructor's.
     options = {k: bool(model_cfg.pop(k, False)) for k in MODEL_OPTIONS}
     perturb, objective = instantiate(cfg.adv), instantiate(cfg.lip)
-    if cfg.lip.get("reuse_adv_gradient"):  # fd sharing J1/J2's passes (refused if it cannot)
-        perturb, objective = share_adversarial_passes(perturb, objective)
+    # fd with J1/J2 takes the clean batch and the attack's gradient (reuse_adv_gradient is
+    # refused if it cannot share); anything else is returned as it is.
+    perturb, objective = compose(perturb, objective)
+    if options["compile"] and cfg.lip.get("method") == "fd" \
+            and not cfg.lip.get("reuse_adv_gradient"):
+        warnings.warn("model.compile=true with lip.method=fd: the penalty's passes run on the "
+                      "uncompiled network (they swap batch norm's forward to hold its "
+                      "statistics fixed, which would recompile it at every step); only the "
+                      "J1/J2 step's gradient is compiled, none of a J0 step (docs/method.md)",
+                      stacklevel=2)
     module = RobustClassifier(
         model=instantiate(model_cfg),
         head=instantiate(cfg.head),
@@ -38,6 +48,7 @@ def build_module(cfg: DictConfig) -> RobustClassifier:
         scheduler=instantiate(cfg.scheduler),
         config=as_plain_dict(cfg),
         provenance=provenance(),
+        full_precision_backward=cfg.lip.get("method") == "fd",  # no TF32 (docs/method.md)
         **options,
     )
     missing = unsupported_layers(module.net) if cfg.eval.get("lipschitz") else []
@@ -67,6 +78,22 @@ def build_trainer(cfg: DictConfig, module: RobustClassifier,
             "trainer.sync_batchnorm=true cannot be combined with the exact Lipschitz penalty "
             "(lip.method=exact): PyTorch has no double backward through SyncBatchNorm. Keep "
             "batch normalization per rank (trainer.sync_batchnorm=false) or use lip=none."
+        )
+    if cfg.trainer.get("sync_batchnorm") and cfg.lip.get("method") == "fd" \
+            and not cfg.lip.get("reuse_adv_gradient"):
+        raise ValueError(
+            "trainer.sync_batchnorm=true cannot be combined with lip.method=fd: the finite "
+            "difference holds each rank's batch statistics fixed (docs/method.md). Keep batch "
+            "normalization per rank (trainer.sync_batchnorm=false), or share J1/J2's passes "
+            "(lip.reuse_adv_gradient=true), whose passes each use their own statistics."
+        )
+    precision = str(cfg.trainer.get("precision"))
+    if cfg.lip.get("method") == "fd" and precision in ("16-true", "bf16-true"):
+        raise ValueError(
+            f"trainer.precision={precision} cannot be combined with lip.method=fd: the finite "
+            "difference needs float32 weights (the step h d is rounded away in half "
+            "precision). Use trainer.precision=bf16-mixed or 16-mixed, whose fd passes run in "
+            "float32."
         )
     unlimited = cfg.trainer.get("max_epochs") in (None, -1)  # Lightning: -1 = no limit
     require(not unlimited or (cfg.trainer.get("max_steps") or -1) > 0

@@ -37,6 +37,13 @@ class Method(str, Enum):
     fd = "fd"  # finite difference (l(x + h d) - l(x)) / h along the normalized gradient d
 
 
+class Direction(str, Enum):
+    """Where the fd estimate's direction d comes from (docs/method.md)."""
+
+    attack = "attack"  # the J1/J2 step's gradient (eval mode, clean image); J0: at the point
+    point = "point"  # the gradient at the point of the estimate: one more backward pass
+
+
 class Mode(str, Enum):
     train = "train"  # train, then evaluate
     eval = "eval"  # evaluate the checkpoint at ckpt_path with its own config
@@ -85,6 +92,7 @@ class LipConfig:
     squared: bool = False  # square the hinge
     method: Method = Method.exact
     h: float = 0.01  # fd: step of the finite difference (l2 size, pixels in [0, 1])
+    direction: Direction = Direction.attack  # fd: where d comes from
     # fd with J1/J2: the attack's gradient taken in train mode and x + h d its adversarial
     # image (h = adv.eps), 2 forward passes per step instead of 3 (docs/method.md)
     reuse_adv_gradient: bool = False
@@ -94,6 +102,9 @@ class LipConfig:
                 f"> 0, got {self.h}")
         require(not self.reuse_adv_gradient or self.method is Method.fd,
                 f"lip.reuse_adv_gradient=true needs lip.method=fd, got {self.method.value}")
+        require(not (self.reuse_adv_gradient and self.direction is Direction.point),
+                "lip.reuse_adv_gradient=true takes fd's direction from the attack's train-mode "
+                "gradient; it cannot be combined with lip.direction=point")
         require(self.dual_norm in (1, 2), f"lip.dual_norm must be 1 (Lip1, dual of l-infinity) "
                 f"or 2 (Lip2, dual of l2), got {self.dual_norm}")
         require(self.lam >= 0, f"lip.lam must be >= 0, got {self.lam}")

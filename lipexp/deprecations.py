@@ -123,6 +123,11 @@ def upgrade_run_config(config: dict) -> dict:
     if isinstance(lip, dict) and "dual_norm" in lip:  # lipexp 0.3: the finite-difference
         lip.setdefault("h", 0.01)  # penalty's settings; what ran before was the exact one
         lip.setdefault("reuse_adv_gradient", False)
+        # lipexp 0.5: where fd's direction comes from; before, fd took it at the point (an
+        # estimator since changed: docs/method.md); the shared passes (reuse_adv_gradient)
+        # take it from the attack, and the exact method has none
+        point = lip.get("method") == "fd" and not lip.get("reuse_adv_gradient")
+        lip.setdefault("direction", "point" if point else "attack")
     if isinstance(config.get("data"), dict):
         config["data"].setdefault("on_device", False)  # lipexp 0.3; before: in host memory
     evaluation = config.get("eval")

@@ -28,7 +28,11 @@ class RobustClassifier(pl.LightningModule):
     (faster convolutions on tensor cores); ``compile`` trains through ``torch.compile(net)``
     (the weights stay those of ``net``: checkpoints are unchanged). torch.compile cannot
     differentiate twice, so with an objective that needs double backpropagation (the
-    exact penalty) it warns and trains uncompiled.
+    exact penalty) it warns and trains uncompiled; the finite-difference penalty's passes
+    run on the uncompiled network (lipexp.defences.finite_difference.fd_grad_norms), only
+    the J1/J2 step's gradient through the compiled one (except with the shared passes of
+    ``lip.reuse_adv_gradient``, compiled throughout). ``full_precision_backward`` (fd):
+    the backward pass runs without TensorFloat-32 on CUDA (``finite_difference.float32``).
     """
 
     def __init__(
@@ -43,8 +47,10 @@ class RobustClassifier(pl.LightningModule):
         provenance: dict | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        full_precision_backward: bool = False,
     ) -> None:
         super().__init__()
+        self.full_precision_backward = full_precision_backward
         self.net = nn.Sequential(model, head)
         self.channels_last = channels_last
         if channels_last:
@@ -58,7 +64,7 @@ class RobustClassifier(pl.LightningModule):
             if needs_double_backward(objective):
                 warnings.warn("model.compile=true: torch.compile cannot differentiate twice, "
                               "which the exact Lipschitz penalty (lip.method=exact) needs; "
-                              "training runs uncompiled (lip.method=fd can be compiled)",
+                              "training runs uncompiled",
                               stacklevel=2)
             else:
                 self.__dict__["_train_net"] = torch.compile(self.net)
@@ -103,6 +109,14 @@ class RobustClassifier(pl.LightningModule):
             self.log("train/images_per_s", self._images_per_s, prog_bar=True, batch_size=len(y),
                      rank_zero_only=True)
         return loss
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        if not self.full_precision_backward:
+            return super().backward(loss, *args, **kwargs)
+        from lipexp.defences.finite_difference import tf32_off
+
+        with tf32_off(loss.device):
+            super().backward(loss, *args, **kwargs)
 
     def on_train_epoch_start(self) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

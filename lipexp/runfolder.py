@@ -44,10 +44,12 @@ CHANGEABLE = ("trainer.max_epochs", "recipe.epochs", "resume", "name", "mode", "
               "data.num_workers", "data.eval_batch_size", "eval.batch_size", "eval.progress")
 
 
-def _ran(key: str) -> bool:
+def _ran(key: str, value: Any) -> bool:
     """Whether ``key`` is a setting that upgrading an old config fills in with the value
-    that ran (the PGD search's settings of lipexp 0.3), rather than today's default."""
-    return key.startswith("attacks.") and key.rpartition(".")[2] in PGD_SEARCH_0_3
+    that ran (the PGD search's settings of lipexp 0.3; fd's direction of lipexp 0.4, at the
+    point), rather than today's default."""
+    return (key.startswith("attacks.") and key.rpartition(".")[2] in PGD_SEARCH_0_3
+            or key == "lip.direction" and value == "point")
 
 
 class RunFolderError(RuntimeError):
@@ -92,7 +94,7 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], older_ver
     raw = flat_config(old)
     renamed = {RENAMED_KEYS[k] for k in raw if k in RENAMED_KEYS}
     before = {k: v for k, v in flat_config(upgrade_run_config(dict(old))).items()
-              if k in raw or k in renamed or _ran(k)}  # not what the upgrade filled in,
+              if k in raw or k in renamed or _ran(k, v)}  # not what the upgrade filled in,
     # unless the upgrade says what ran: those settings are compared too
     after = flat_config(new)
     keys = before.keys() | (set() if older_version else after.keys())

@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import lipexp.defences.lipschitz as lipschitz
 from lipexp.defences.adversarial import l2_gradient_step, no_perturbation, signed_gradient_step
-from lipexp.defences.finite_difference import share_adversarial_passes
+from lipexp.defences.finite_difference import compose
 
 B, N_IN, K = 8, 12, 4  # global batch, input dimension, classes
 
@@ -24,6 +24,8 @@ CASES = {  # name -> (perturbation, objective settings)
                    {"dual_norm": 2, "method": "fd", "h": 0.05}),
     "J1-Lip1-fd": (partial(signed_gradient_step, eps=0.3, clip=False),
                    {"dual_norm": 1, "lam_over_sqrt_n": True, "method": "fd", "h": 0.05}),
+    "J2-Lip2-fd-point": (partial(l2_gradient_step, eps=0.3, clip=False),
+                         {"dual_norm": 2, "method": "fd", "h": 0.05, "direction": "point"}),
     "J2-Lip2-fd-reuse": (partial(l2_gradient_step, eps=0.3, clip=False),
                          {"dual_norm": 2, "method": "fd", "h": 0.3, "reuse_adv_gradient": True}),
 }
@@ -55,8 +57,7 @@ class Step(nn.Module):
 def step_gradients(case: str, scaling: str, x, y, distributed: bool):
     perturb, kwargs = CASES[case]
     objective = partial(lipschitz.penalized_cross_entropy, lam=0.7, scaling=scaling, **kwargs)
-    if kwargs.get("reuse_adv_gradient"):  # as lipexp.build.build_module composes it
-        perturb, objective = share_adversarial_passes(perturb, objective)
+    perturb, objective = compose(perturb, objective)  # as lipexp.build.build_module does
     step = Step(make_model(), perturb, objective)
     module = DistributedDataParallel(step) if distributed else step
     loss, logs = module(x, y)

@@ -27,7 +27,7 @@ def test_step_benchmark_tiny_run_writes_its_json(tmp_path, one_thread):
     out = tmp_path / "bench.json"
     bench.main(["--models", "small_cnn", "--defences", "j0,j2-lip2-fd", "--heads", "tanh",
                 "--steps", "2", "--warmup", "1", "--data-steps", "2", "--loader-seconds",
-                "0.05", "--threads", "1", "--out", str(out)])
+                "0.05", "--threads", "1", "--versus", "j2-lip2-fd:j2", "--out", str(out)])
     report = json.loads(out.read_text())
     assert {"machine", "device", "torch", "batch_size", "precision", "threads", "steps",
             "results", "loader_images_per_s", "loader_augment_images_per_s"} <= report.keys()
@@ -41,14 +41,20 @@ def test_step_benchmark_tiny_run_writes_its_json(tmp_path, one_thread):
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("hand_ms", "lipexp_ms",
                                                                "ratio_median", "wall_ms"))
     assert report["loader_images_per_s"] > 0
+    (versus,) = report["versus"]
+    assert (versus["model"], versus["a"], versus["b"], versus["steps"]) == (
+        "small_cnn", "j2-lip2-fd", "j2", 2)
+    assert all(math.isfinite(versus[k]) and versus[k] > 0 for k in ("a_ms", "b_ms",
+                                                                    "ratio_median"))
 
 
+@pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("defence", ["j0", "j1", "j2-lip2", "j2-lip2-fd", "j0-lip1",
-                                     "j2-lip2-fd-reuse"])
-def test_hand_step_makes_lipexp_s_update(make_cfg, defence):
+                                     "j0-lip2-fd", "j2-lip2-fd-point", "j2-lip2-fd-reuse"])
+def test_hand_step_makes_lipexp_s_update(make_cfg, defence, batch_norm):
     """The benchmark compares like with like: from the same weights, the hand-written step
-    and lipexp's perturbation + objective give the same SGD update (a model without batch
-    norm, so that eval and train mode agree)."""
+    and lipexp's perturbation + objective give the same SGD update (with and without a batch
+    norm layer, whose running statistics both steps start from)."""
     bench = load_benchmark()
     overrides = bench.DEFENCES[defence]
     sizes = (["adv.eps=0.3"] if "adv=j0" not in overrides else []) + (
@@ -58,8 +64,9 @@ def test_hand_step_makes_lipexp_s_update(make_cfg, defence):
     cfg = make_cfg(*overrides, *sizes)
     module = build_module(cfg)
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Softplus(), nn.Linear(16, 10))
-    net = net.double()
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16),
+                        nn.BatchNorm1d(16) if batch_norm else nn.Identity(), nn.Softplus(),
+                        nn.Linear(16, 10)).double()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(8, 1, 8, 8, generator=g, dtype=torch.float64)
     y = torch.randint(0, 10, (8,), generator=g)
@@ -90,3 +97,25 @@ def test_eval_benchmark_tiny_run_writes_its_json(tmp_path, one_thread):
         assert {"images", "seconds", "images_per_s", "forward_per_image", "backward_per_image",
                 "median"} <= r.keys()
         assert r["images"] == 6 and r["forward_per_image"] > r["backward_per_image"] > 0
+
+
+def test_fd_accuracy_benchmark_tiny_run_writes_its_json(make_cfg, tmp_path, one_thread):
+    """benchmarks/fd_accuracy.py on a checkpoint of the default run's config (digits,
+    J2-Lip2 & tanh, untrained): its JSON names every estimate; along each image's own
+    gradient fd is close to its norm (O(h) error), along the attack's direction (eval mode:
+    far from train mode's on an untrained network) at most that."""
+    spec = importlib.util.spec_from_file_location("fd_accuracy",
+                                                  REPO / "benchmarks" / "fd_accuracy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    module = build_module(make_cfg("model.width=4", "lip.method=fd"))
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"lipexp_config": module.config, "state_dict": module.state_dict()}, ckpt)
+    out = tmp_path / "fd_accuracy.json"
+    report = bench.main([str(ckpt), "--batches", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    ratios = report["ratios_to_own"]
+    assert set(ratios) == {"exact", "fd_attack", "fd_point", "fd_reuse"}
+    assert report["batches"] == 2 and ratios["fd_reuse"]["per_image"] is None
+    assert 0.9 < ratios["fd_point"]["batch_max"]["median"] < 1.1, ratios["fd_point"]
+    assert ratios["fd_attack"]["batch_max"]["max"] < 1.1, ratios["fd_attack"]

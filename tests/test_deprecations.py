@@ -71,12 +71,29 @@ def test_old_run_configs_are_upgraded():
     assert new["adv"]["_target_"] == "lipexp.defences.adversarial.signed_gradient_step"
     assert new["lip"] == {"_target_": "lipexp.defences.lipschitz.penalized_cross_entropy",
                           "dual_norm": 1,  # and the settings added since, as they ran then:
-                          "h": 0.01, "reuse_adv_gradient": False}  # the exact penalty
+                          "h": 0.01, "reuse_adv_gradient": False,  # the exact penalty
+                          "direction": "attack"}  # (unused by it)
     assert new["scheduler"] == CONSTANT_LR
     assert new["eval"]["_target_"] == "lipexp.evaluation.runner.Evaluator"
     assert new["attacks"] == {
         "l2_deepfool": {"_target_": "lipexp.evaluation.distance_attacks.DeepFool"}}
     assert old["lip"]["norm"] == 1  # a copy: the caller's config is left as it was
+
+
+def test_fd_runs_of_lipexp_0_4_took_the_direction_at_the_point():
+    """lipexp 0.4's fd took d from the gradient at the point: an upgraded 0.4 fd config says
+    so, and resuming it with today's default (along the attack's gradient) is a
+    difference the folder check reports, not a silent change of estimator."""
+    from lipexp.runfolder import config_differences
+
+    old = {"lip": {"_target_": "lipexp.defences.lipschitz.penalized_cross_entropy",
+                   "dual_norm": 2, "method": "fd", "h": 0.01, "reuse_adv_gradient": False}}
+    assert upgrade_run_config(old)["lip"]["direction"] == "point"
+    today = {"lip": {**old["lip"], "direction": "attack"}}
+    assert config_differences(old, today, older_version=True) == [
+        "lip.direction: 'point' -> 'attack'"]
+    assert config_differences(old, {"lip": {**old["lip"], "direction": "point"}},
+                              older_version=True) == []
 
 
 def test_the_pgd_search_of_old_configs_is_the_one_that_ran():

@@ -89,7 +89,7 @@ def test_ddp_run_on_digits_writes_results_once(tmp_path):
     assert sorted(p.name for p in out.rglob("results.json")) == ["results.json"]
 
 
-def test_sync_batchnorm_with_the_exact_penalty_is_refused(make_cfg):
+def test_sync_batchnorm_with_the_penalty_is_refused(make_cfg):
     from lipexp.build import build_module, build_trainer
 
     def build(cfg):
@@ -97,6 +97,12 @@ def test_sync_batchnorm_with_the_exact_penalty_is_refused(make_cfg):
 
     with pytest.raises(ValueError, match="SyncBatchNorm"):
         build(make_cfg("trainer.sync_batchnorm=true"))
+    # fd holds each rank's batch statistics fixed: synchronised ones would not match them
+    with pytest.raises(ValueError, match="sync_batchnorm=true cannot be combined with "
+                                         "lip.method=fd"):
+        build(make_cfg("trainer.sync_batchnorm=true", "lip.method=fd"))
+    build(make_cfg("trainer.sync_batchnorm=true", "lip.method=fd",
+                   "lip.reuse_adv_gradient=true"))  # each pass its own statistics
     build(make_cfg("trainer.sync_batchnorm=true", "lip=none"))  # no double backward: fine
 
 
@@ -125,3 +131,25 @@ def test_slurm_launcher_config_composes(make_cfg):
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.nodes == 2 and launcher.tasks_per_node == 4  # one task per GPU
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lip", ["lip=none", "lip.method=fd"])
+def test_a_compiled_network_trains_under_ddp_as_the_uncompiled_one(tmp_path, lip):
+    """+model.compile=true under 2-process DDP (gloo, CPU): the run completes and its weights
+    after one epoch match the uncompiled run's (J2; with fd only the attack's gradient runs
+    compiled)."""
+    weights = []
+    for option in ([], ["+model.compile=true"]):
+        out = tmp_path / ("compiled" if option else "plain")
+        proc = subprocess.run(
+            [sys.executable, "run.py", "trainer=ddp", "trainer.accelerator=cpu",
+             "trainer.devices=2", "trainer.max_epochs=1", "eval.n_images=20", "logger=none",
+             "trainer.enable_progress_bar=false", lip, *option, f"hydra.run.dir={out}"],
+            cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        weights.append(state)
+    assert weights[0].keys() == weights[1].keys()  # checkpoints hold the weights once, as net
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """The finite-difference penalty (lip.method=fd): against the hand formula, against the exact
 norm on a smooth model, its parameter gradient, its forward passes, and its settings."""
 
+import copy
 import math
 from functools import partial
 
@@ -12,13 +13,14 @@ from torch.func import functional_call
 
 import lipexp.defences.finite_difference as fdm
 from lipexp.config import validate
-from lipexp.defences.adversarial import l2_gradient_step
+from lipexp.defences.adversarial import l2_gradient_step, no_perturbation, signed_gradient_step
 from lipexp.defences.finite_difference import (
     adversarial_fd_objective,
     fd_grad_norms,
     share_adversarial_passes,
+    with_batch_statistics,
 )
-from lipexp.defences.lipschitz import exact_grad_norms, penalized_cross_entropy
+from lipexp.defences.lipschitz import exact_grad_norms, penalized, penalized_cross_entropy
 
 from .conftest import build_run
 
@@ -102,22 +104,37 @@ def test_reused_objective_equals_its_formula():
     torch.testing.assert_close(logs["grad_norm_max"], q.max())
 
 
-def count_forwards(cfg) -> int:
+def count_passes(cfg, monkeypatch) -> tuple[list[tuple[int, bool]], int]:
+    """(images, with a graph) of each forward pass of the network in one training step, and
+    the number of backward passes to the input (autograd.grad calls) it makes."""
     module, datamodule, _ = build_run(cfg)
     datamodule.setup("fit")
     x, y = next(iter(datamodule.train_dataloader()))
-    calls = []
-    module.net.register_forward_pre_hook(lambda *_: calls.append(1))
+    calls, grads = [], []
+    module.net.register_forward_pre_hook(
+        lambda _, args: calls.append((len(args[0]), torch.is_grad_enabled())))
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grads.append(1) or grad(*a, **k))
     module.train()
     module.training_step((x.float(), y), 0)
-    return len(calls)
+    assert all(b in (1, len(y)) for b, _ in calls), calls  # the batch, or one image
+    return [(b if b == 1 else "B", grad) for b, grad in calls], len(grads)
 
 
-@pytest.mark.parametrize("reuse,passes", [(True, 2), (False, 3)])
-def test_j2_fd_forward_passes(make_cfg, reuse, passes):
-    cfg = make_cfg("adv=j2", "lip=lip2", "lip.method=fd", f"lip.reuse_adv_gradient={reuse}",
-                   "model.width=4")
-    assert count_forwards(cfg) == passes
+@pytest.mark.parametrize("overrides,passes,to_input", [
+    # J2's gradient (its backward pass is the only one to the input), the cross-entropy's
+    # pass at x_adv, the pass at x_adv + h d without a graph, its arg-max image with one
+    ([], ["B", "B", "B no graph", "1"], 1),
+    # + x_adv again (statistics fixed) for its own gradient: a backward pass to the input
+    (["lip.direction=point"], ["B", "B", "B", "B no graph", "1"], 2),
+    (["lip.reuse_adv_gradient=true"], ["B", "B"], 1),  # shared passes (h = adv.eps = 0.01)
+])
+def test_j2_fd_passes(make_cfg, monkeypatch, overrides, passes, to_input):
+    cfg = make_cfg("adv=j2", "lip=lip2", "lip.method=fd", "model.width=4", *overrides)
+    names = {(1, True): "1", ("B", True): "B", ("B", False): "B no graph"}
+    forwards, backwards_to_input = count_passes(cfg, monkeypatch)
+    assert [names[call] for call in forwards] == passes
+    assert backwards_to_input == to_input
 
 
 def test_fd_objective_under_reuse_is_built_and_trains(make_cfg):
@@ -135,10 +152,20 @@ def test_fd_objective_under_reuse_is_built_and_trains(make_cfg):
     (["lip.h=-0.01"], "lip.h"),
     (["lip.reuse_adv_gradient=true"], "needs lip.method=fd"),
     (["lip.dual_norm=3", "lip.method=fd"], "dual_norm"),
+    (["lip.method=fd", "lip.reuse_adv_gradient=true", "lip.direction=point"],
+     "cannot be combined with lip.direction=point"),
 ])
 def test_bad_fd_settings_are_refused_by_the_schema(make_cfg, overrides, match):
     with pytest.raises(ValueError, match=match):
         validate(make_cfg(*overrides))
+
+
+def test_an_unknown_fd_direction_is_refused_when_the_config_is_composed(make_cfg):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as error:
+        make_cfg("lip.method=fd", "lip.direction=sideways")
+    assert "expected one of [attack, point]" in str(error.value.__cause__)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -182,33 +209,33 @@ def test_with_clipping_the_reused_quotient_divides_by_the_step_taken():
     torch.testing.assert_close(logs["grad_norm_max"], q.max())
 
 
-@pytest.mark.parametrize("reuse", [False, True])
-def test_batch_norm_counts_one_batch_per_step_as_with_the_exact_penalty(reuse):
-    """The fd estimate's extra forward pass (plain fd: at x + h d; shared: the clean one)
-    normalizes with its batch's statistics but leaves the running statistics alone."""
+@pytest.mark.parametrize("reuse,momentum", [(False, 0.1), (False, None), (True, 0.1)])
+def test_batch_norm_counts_one_batch_per_step_as_with_the_exact_penalty(reuse, momentum):
+    """The fd estimate's passes update batch norm's running statistics once, with the batch
+    at the point, as the layer's own forward does (momentum None: cumulative average);
+    the pass at x + h d (shared: the clean one) leaves them alone."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Softplus(),
-                          nn.Flatten(), nn.Linear(4 * H * W, K)).double().train()
+    model = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=momentum),
+                          nn.Softplus(), nn.Flatten(), nn.Linear(4 * H * W, K)).double().train()
     x, y = batch()
-    if reuse:
-        adversarial_fd_objective(model, x, y, eps=0.05, clip=False, dual_norm=2, lam=0.1,
-                                 scaling="per_example")
-    else:
-        fd_grad_norms(model, x, y, dual_norm=2, h=0.05)
-        fresh = nn.BatchNorm2d(4).double().train()  # one update, with the batch at x
-        with torch.no_grad():
-            fresh(model[0](x))
-        torch.testing.assert_close(model[1].running_mean, fresh.running_mean)
-        torch.testing.assert_close(model[1].running_var, fresh.running_var)
-    assert int(model[1].num_batches_tracked) == 1
+    fresh = copy.deepcopy(model[1])
+    for step in range(2):
+        if reuse:
+            adversarial_fd_objective(model, x, y, eps=0.05, clip=False, dual_norm=2, lam=0.1,
+                                     scaling="per_example")
+        else:
+            fd_grad_norms(model, x + step, y, dual_norm=2, h=0.05)
+            with torch.no_grad():  # the layer's own forward: one update, the batch at x
+                fresh(model[0](x + step))
+            torch.testing.assert_close(model[1].running_mean, fresh.running_mean)
+            torch.testing.assert_close(model[1].running_var, fresh.running_var)
+    assert int(model[1].num_batches_tracked) == 2
 
 
 def test_lip1_with_clipping_divides_by_the_step_in_its_own_units():
     """J1's step is eps sign(g) / sqrt(n); clipped, its length in those units is
     sqrt(n) ||s||_inf, so the quotient sqrt(n) (l(x_adv) - l(x)) / (sqrt(n) ||s||_inf) stays
     at most ||g||_1 (Hoelder), and equals the /eps quotient where nothing is clipped."""
-    from lipexp.defences.adversarial import signed_gradient_step
-
     model, (x, y) = smooth_model(), batch()
     x = x.clone()
     x[:, :, 0] = 1.0
@@ -224,3 +251,237 @@ def test_lip1_with_clipping_divides_by_the_step_in_its_own_units():
         torch.testing.assert_close(logs["grad_norm_max"], q.max())
         if not clip:  # the unclipped step is eps long in these units
             torch.testing.assert_close(logs["grad_norm_max"], (delta / eps * math.sqrt(N)).max())
+
+
+def bn_model() -> nn.Module:
+    """Batch norm after the convolution (affine) and on the logits (not affine, as the tanh
+    head's), in train mode: examples are coupled through the batch statistics."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Softplus(),
+                         nn.Flatten(), nn.Linear(4 * H * W, K),
+                         nn.BatchNorm1d(K, affine=False)).double().train()
+
+
+def test_fd_holds_the_batch_statistics_fixed():
+    """N_i = (l_i(x_i + h d_i) - l_i(x_i)) / h with every batch norm layer normalizing with the
+    statistics of the batch at x: a per-example function (PyTorch's batch norm in eval mode
+    with those statistics as running statistics is the reference)."""
+    model, (x, y) = bn_model(), batch()
+    d = fdm.unit_direction(torch.randn(x.shape, dtype=x.dtype), 2)
+    h = 0.05
+    ref = with_batch_statistics(model, x)
+    losses = F.cross_entropy(copy.deepcopy(model)(x), y, reduction="none")  # train mode
+    est = fd_grad_norms(model, x, y, 2, h=h, direction=d)
+    torch.testing.assert_close(est.losses, losses)
+    expected = (F.cross_entropy(ref(x + h * d), y, reduction="none")
+                - F.cross_entropy(ref(x), y, reduction="none")) / h
+    torch.testing.assert_close(est.norms, expected)
+    # the copy differs from the model (running statistics in train mode) if BN were ignored
+    assert not torch.allclose(expected, fd_grad_norms(model.eval(), x, y, 2, h=h,
+                                                      direction=d).norms)
+
+
+def test_fd_at_the_point_follows_each_image_s_own_gradient_with_batch_norm():
+    """Without a direction, d is the gradient of l_i at x_i with the batch statistics fixed
+    (not that of the summed loss through train-mode batch norm, whose cross-terms turn it
+    away), so the estimate converges to ||grad l_i(x_i)||_2, statistics fixed, as h -> 0."""
+    model, (x, y) = bn_model(), batch(b=16)
+    ref = with_batch_statistics(model, x)
+    exact = exact_grad_norms(ref, x, y, 2).norms.detach()
+    coupled = exact_grad_norms(copy.deepcopy(model), x, y, 2).norms.detach()
+    assert (coupled / exact - 1).abs().max() > 0.05  # the two gradients differ here
+    errors = [((fd_grad_norms(model, x, y, 2, h=h).norms.detach() - exact).abs()
+               / exact).max().item() for h in (1e-2, 1e-4)]
+    assert errors[1] < 1e-3 and errors[1] < errors[0] / 50  # O(h) towards the exact norm
+
+
+def hand_penalty(model, x, y, d, h, lam, duplicate=None):
+    """J = mean l(x) + lam max_i (l_i(x_i + h d_i) - l_i(x_i)) / h written out for
+    ``bn_model`` with every image given a graph and both layers' batch statistics (those of
+    the batch at x) differentiable, in float64; returns (J, parameters)."""
+    conv, bn, lin, bn_logits = model[0], model[1], model[4], model[5]
+    params = [conv.weight, conv.bias, bn.weight, bn.bias, lin.weight, lin.bias]
+
+    def batch_norm(z, mean, var, eps, dims):
+        shape = (1, -1, *[1] * (z.dim() - 2))
+        return (z - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
+
+    z0 = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    var, mean = torch.var_mean(z0, dim=(0, 2, 3), correction=0)  # the batch at x
+    a0 = F.softplus(batch_norm(z0, mean, var, bn.eps, None) * bn.weight.view(1, -1, 1, 1)
+                    + bn.bias.view(1, -1, 1, 1))
+    logits0 = F.linear(a0.flatten(1), lin.weight, lin.bias)
+    var_l, mean_l = torch.var_mean(logits0, dim=0, correction=0)
+
+    def losses(inp):
+        z = F.conv2d(inp, conv.weight, conv.bias, padding=1)
+        a = F.softplus(batch_norm(z, mean, var, bn.eps, None) * bn.weight.view(1, -1, 1, 1)
+                       + bn.bias.view(1, -1, 1, 1))
+        logits = batch_norm(F.linear(a.flatten(1), lin.weight, lin.bias), mean_l, var_l,
+                            bn_logits.eps, None)
+        return F.cross_entropy(logits, y, reduction="none")
+
+    l0 = losses(x)
+    return l0.mean() + lam * ((losses(x + h * d) - l0) / h).max(), params
+
+
+def test_fd_penalty_gradient_is_exact_with_batch_norm():
+    """The parameters' gradient of J = mean l(x) + lam max_i N_i (only the arg-max image gets
+    a graph at x + h d) equals that of the same J written out by hand, every image with a
+    graph and the batch statistics (of a convolution's and of the logits' batch norm)
+    differentiable (float64)."""
+    model, (x, y) = bn_model(), batch()
+    d = fdm.unit_direction(torch.randn(x.shape, dtype=x.dtype), 2)
+    h, lam = 0.05, 0.7
+    expected_loss, params = hand_penalty(model, x, y, d, h, lam)
+    expected = torch.autograd.grad(expected_loss, params)
+    loss, _ = penalized(fd_grad_norms(model, x, y, 2, h=h, direction=d), y, n=N, dual_norm=2,
+                        lam=lam, scaling="per_example")
+    got = torch.autograd.grad(loss, params)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(loss, expected_loss)
+
+
+def test_fd_penalty_gradient_with_a_tie_at_the_max():
+    """Two copies of the image with the largest estimate tie exactly at the max: the penalty
+    still gets that image's gradient (max splits it between the copies, each carrying it),
+    not zero and not half of it. A linear + batch norm model, whose copies tie bit for bit;
+    the reference is the penalty written out with a graph for every image (float64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(N, 8), nn.BatchNorm1d(8), nn.Softplus(),
+                          nn.Linear(8, K)).double().train()
+    x, y = batch(b=6)
+    d = fdm.unit_direction(torch.randn(x.shape, dtype=x.dtype), 2)
+    h, lam = 0.05, 0.7
+    with torch.no_grad():
+        top = fd_grad_norms(copy.deepcopy(model), x, y, 2, h=h, direction=d).norms.argmax()
+    x, y, d = (torch.cat([t, t[top:top + 1]]) for t in (x, y, d))  # a 7th image: a copy
+    lin1, bn, lin2 = model[1], model[2], model[4]
+    params = [lin1.weight, lin1.bias, bn.weight, bn.bias, lin2.weight, lin2.bias]
+    var, mean = torch.var_mean(F.linear(x.flatten(1), lin1.weight, lin1.bias), dim=0,
+                               correction=0)  # the batch at x, differentiable
+
+    def losses(inp):
+        z = (F.linear(inp.flatten(1), lin1.weight, lin1.bias) - mean) / torch.sqrt(var + bn.eps)
+        logits = F.linear(F.softplus(z * bn.weight + bn.bias), lin2.weight, lin2.bias)
+        return F.cross_entropy(logits, y, reduction="none")
+
+    l0 = losses(x)
+    expected = torch.autograd.grad(l0.mean() + lam * ((losses(x + h * d) - l0) / h).max(),
+                                   params)
+    est = fd_grad_norms(model, x, y, 2, h=h, direction=d)
+    assert (est.norms == est.norms.max()).sum() == 2  # the tie, exact
+    loss, _ = penalized(est, y, n=N, dual_norm=2, lam=lam, scaling="per_example")
+    for g, e in zip(torch.autograd.grad(loss, params), expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+def test_batch_statistics_put_back_a_forward_of_the_layer_s_own():
+    model, (x, y) = bn_model(), batch()
+    own = model[1].forward  # a bound method
+    model[1].forward = own  # as a tool that wraps forward would leave it
+    fd_grad_norms(model, x, y, 2, h=0.05)
+    assert model[1].__dict__["forward"] is own
+    assert "forward" not in model[5].__dict__  # none before, none after
+
+
+@pytest.mark.parametrize("case", ["subclass", "shared", "one_image"])
+def test_batch_statistics_refuse_what_they_cannot_hold_fixed(case):
+    class Custom(nn.BatchNorm2d):
+        def forward(self, z):
+            return super().forward(z) * 2
+
+    model, (x, y) = bn_model(), batch()
+    match = {"subclass": "Custom has a forward of its own",
+             "shared": "called more than once", "one_image": "more than 1 value"}[case]
+    if case == "subclass":
+        model[1] = Custom(4).double()
+    elif case == "shared":
+        model = nn.Sequential(model[0], model[1], model[1], *model[2:])
+    else:
+        x, y = x[:1], y[:1]
+    with pytest.raises(ValueError, match=match):
+        fd_grad_norms(model, x, y, 2, h=0.05)
+
+
+@pytest.mark.parametrize("perturb,dual_norm", [(l2_gradient_step, 2), (l2_gradient_step, 1),
+                                               ("j1", 1), ("j1", 2)])
+def test_fd_along_the_attack_direction_equals_its_formula(perturb, dual_norm):
+    """lip.direction=attack (the default): J = mean l(x_adv) + lam max_i N_i, N_i the slope at
+    x_adv along the J1/J2 gradient's direction at the clean image, g / ||g||_2 (Lip2) or
+    sign(g) / sqrt(n) (Lip1); one backward pass to the input per step (the attack's)."""
+    perturb = signed_gradient_step if perturb == "j1" else perturb
+    model, (x, y) = smooth_model(), batch()
+    eps, h, lam = 0.2, 0.05, 0.3
+    step, objective = fdm.compose(
+        partial(perturb, eps=eps, clip=False),
+        partial(penalized_cross_entropy, dual_norm=dual_norm, lam=lam, scaling="per_example",
+                method="fd", h=h))
+    assert step(model, x, y) is x  # the objective makes the step
+    loss, logs = objective(model, x, y)
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(xr), y, reduction="sum"), xr)
+    d = g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1) if dual_norm == 2 else g.sign() / N ** .5
+    x_adv = perturb(model, x, y, eps=eps, clip=False)
+    l_adv = F.cross_entropy(model(x_adv), y, reduction="none")
+    q = (F.cross_entropy(model(x_adv + h * d), y, reduction="none") - l_adv) / h
+    q = q * N ** .5 if dual_norm == 1 else q
+    torch.testing.assert_close(loss, l_adv.mean() + lam * q.max())
+    torch.testing.assert_close(logs["grad_norm_max"], q.max())
+
+
+def test_compose_leaves_what_does_not_use_the_attack_alone():
+    j2 = partial(l2_gradient_step, eps=0.1)
+    for perturb, objective in [
+            (j2, partial(penalized_cross_entropy, dual_norm=2, lam=0.1)),  # exact
+            (j2, partial(penalized_cross_entropy, dual_norm=2, lam=0.1, method="fd",
+                         direction="point")),
+            (no_perturbation, partial(penalized_cross_entropy, dual_norm=2, lam=0.1,
+                                      method="fd"))]:  # J0: no attack gradient
+        assert fdm.compose(perturb, objective) == (perturb, objective)
+
+
+def test_fd_backward_runs_without_tf32(make_cfg, monkeypatch):
+    """The fd step's backward pass runs inside tf32_off (the exact method's does not), and
+    tf32_off turns TensorFloat-32 off for CUDA and puts the user's settings back."""
+    from contextlib import contextmanager
+
+    entered = []
+    real = fdm.tf32_off
+
+    @contextmanager
+    def recording(device):
+        entered.append(torch.device(device).type)
+        with real(device):
+            yield
+
+    monkeypatch.setattr(fdm, "tf32_off", recording)
+    for method, expected in (("fd", ["cpu"]), ("exact", [])):
+        module, datamodule, _ = build_run(make_cfg(f"lip.method={method}", "model.width=4"))
+        datamodule.setup("fit")
+        x, y = next(iter(datamodule.train_dataloader()))
+        loss = module.train().training_step((x.float(), y), 0)
+        entered.clear()
+        module.backward(loss)
+        assert entered == expected, method
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with real(torch.device("cuda")):  # flags only: no CUDA device needed
+            assert torch.get_float32_matmul_precision() == "highest"
+            assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cudnn.allow_tf32 is True
+        assert torch.get_float32_matmul_precision() == before[0]
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_fd_with_half_precision_weights_is_refused(make_cfg, precision):
+    from lipexp.build import build_module, build_trainer
+
+    cfg = make_cfg("lip.method=fd", f"trainer.precision={precision}", "model.width=4")
+    with pytest.raises(ValueError, match="needs float32 weights"):
+        build_trainer(cfg, build_module(cfg), [])

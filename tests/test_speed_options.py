@@ -1,11 +1,15 @@
 """Mixed precision, memory layout and torch.compile: every defence trains a step under bf16
 autocast (CPU), the fd losses stay float32, and the model options build and train."""
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
 
-from lipexp.defences.finite_difference import adversarial_fd_objective, fd_grad_norms
+from lipexp.defences.adversarial import l2_gradient_step
+from lipexp.defences.finite_difference import adversarial_fd_objective, compose, fd_grad_norms
+from lipexp.defences.lipschitz import penalized_cross_entropy
 
 from .conftest import build_run
 
@@ -43,9 +47,14 @@ def test_fd_losses_are_float32_under_bf16_autocast():
         est = fd_grad_norms(model, x, y, 2, h=0.01)
         loss, logs = adversarial_fd_objective(model, x, y, eps=0.01, clip=True, dual_norm=2,
                                               lam=0.1)
+        _, along_attack = compose(partial(l2_gradient_step, eps=0.01),
+                                  partial(penalized_cross_entropy, dual_norm=2, lam=0.1,
+                                          method="fd"))
+        loss_a, logs_a = along_attack(model, x, y)
     # ... but not for the finite difference: network and losses in float32
     assert est.logits.dtype == est.losses.dtype == est.norms.dtype == torch.float32
     assert loss.dtype == logs["grad_norm_max"].dtype == torch.float32
+    assert loss_a.dtype == logs_a["grad_norm_max"].dtype == logs_a["ce"].dtype == torch.float32
     plain = fd_grad_norms(model, x, y, 2, h=0.01)  # without autocast: the same numbers
     torch.testing.assert_close(est.norms, plain.norms)
 
@@ -80,7 +89,8 @@ def test_compile_with_the_exact_penalty_warns_and_trains_uncompiled(make_cfg):
 
 def test_compile_with_fd_compiles_the_training_network_only(make_cfg):
     cfg = make_cfg("+model.compile=true", "lip=lip2", "lip.method=fd", "model.width=4")
-    module, _, _ = build_run(cfg)
+    with pytest.warns(UserWarning, match="penalty's passes run on the uncompiled network"):
+        module, _, _ = build_run(cfg)
     compiled = module.__dict__["_train_net"]
     assert compiled is not module.net and compiled._orig_mod is module.net
     plain, _, _ = build_run(make_cfg("model.width=4"))

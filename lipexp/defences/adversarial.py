@@ -39,6 +39,17 @@ def no_perturbation(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return x
 
 
+def signed_step_from_gradient(x: Tensor, g: Tensor, eps: float, clip: bool = True) -> Tensor:
+    """``x + eps * sign(g) / sqrt(n)``: J1's step from the gradient ``g``."""
+    return _apply(x, eps * g.sign() / math.sqrt(x[0].numel()), clip)
+
+
+def l2_step_from_gradient(x: Tensor, g: Tensor, eps: float, clip: bool = True) -> Tensor:
+    """``x + eps * g / ||g||_2`` (0 where ``g = 0``): J2's step from the gradient ``g``."""
+    norm = g.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))  # (B,) -> (B, 1, 1, 1)
+    return _apply(x, eps * g / norm.clamp_min(torch.finfo(g.dtype).tiny), clip)
+
+
 def signed_gradient_step(
     model: nn.Module, x: Tensor, y: Tensor, eps: float, clip: bool = True
 ) -> Tensor:
@@ -46,9 +57,7 @@ def signed_gradient_step(
 
     ``n`` is the input dimension (C*H*W); where ``g`` has zeros the size is below eps.
     """
-    n = x[0].numel()
-    a = eps * input_gradient(model, x, y).sign() / math.sqrt(n)
-    return _apply(x, a, clip)
+    return signed_step_from_gradient(x, input_gradient(model, x, y), eps, clip)
 
 
 def l2_gradient_step(
@@ -58,7 +67,10 @@ def l2_gradient_step(
 
     An example with ``g = 0`` is left unperturbed.
     """
-    g = input_gradient(model, x, y)
-    norm = g.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))  # (B,) -> (B, 1, 1, 1)
-    a = eps * g / norm.clamp_min(torch.finfo(g.dtype).tiny)
-    return _apply(x, a, clip)
+    return l2_step_from_gradient(x, input_gradient(model, x, y), eps, clip)
+
+
+# Each gradient perturbation -> its step from the gradient, for objectives that reuse the
+# perturbation's gradient (lip.method=fd takes its direction from it).
+STEPS = {signed_gradient_step: signed_step_from_gradient,
+         l2_gradient_step: l2_step_from_gradient}

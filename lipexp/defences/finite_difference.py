@@ -10,28 +10,33 @@ it), ``l(x + h d) - l(x) ~= h <g, d>``; for ``d = g / ||g||_2`` that is ``h ||g|
 
 with an error of ``h/2 d^T H d`` (H the loss's input Hessian): first order in the step
 ``h``. The estimate is differentiable w.r.t. the parameters through BOTH loss
-evaluations, which replaces double backpropagation by one backward pass to the input (no
-``create_graph``) and one more forward pass.
+evaluations (not through ``d``), which replaces double backpropagation.
 
-Both forward passes run with autocast off (float32 network and loss): under bf16 a loss
+All the estimate's passes run with autocast off (float32 network and loss): under bf16 a loss
 of order 1 keeps about 3 significant digits, and the difference ``h ||g||`` (about 0.01)
 would drown in rounding.
 
-Two ways to use it:
+Three ways to use it (``compose`` picks one from the run's settings):
 
 - ``fd_grad_norms``: an estimator of ``lipexp.defences.lipschitz.ESTIMATORS`` like the
-  exact one, at whatever point the objective gets (the adversarial image under J1/J2).
-  Forward passes per training step: the perturbation's (J1/J2, eval mode) + 2.
+  exact one, at whatever point the objective gets; ``d`` from the gradient there (one
+  backward pass to the input) unless a direction is passed. The batch statistics of the
+  point are held fixed at ``x + h d`` (``BatchStatistics``): each image's loss is then its
+  own, so only the arg-max image, the one the penalty's max uses, needs a graph there.
+- ``attack_fd_objective`` (J1/J2, ``lip.direction=attack``, the default): ``d`` from the
+  perturbation's own gradient (eval mode, clean image); per step 3 forward passes over the
+  batch (the attack's; ``l(x_adv)``; ``l(x_adv + h d)`` without a graph) and one image,
+  and no backward pass to the input besides the attack's.
 - ``adversarial_fd_objective`` (``lip.reuse_adv_gradient=true``): J1/J2 and the penalty
   share their passes. The perturbation's gradient is taken in TRAIN mode at the clean
   image, and ``x + h d`` with ``h = adv.eps`` is the adversarial image itself, so a step
   makes 2 forward passes. What changes: the attack direction uses batch statistics
   (train-mode batch norm) instead of running statistics, and the penalty estimates the
-  gradient norm at the clean image instead of the adversarial one.
+  gradient norm at the clean image instead of the adversarial one; each pass normalizes
+  with its own batch's statistics.
 
-In both, batch norm's running statistics are updated once per step, by the pass at the
-image the cross-entropy is taken at, as with the exact method: the other pass leaves
-them as they were (``running_stats_kept``).
+In all, batch norm's running statistics are updated once per step, by the pass at the
+image the cross-entropy is taken at, as with the exact method.
 
 With ``adv.clip=true`` the shared step is clipped to [0, 1] where the box is hit; the
 quotient then divides by the length of the step actually taken (``step_lengths``: ``eps``
@@ -40,6 +45,7 @@ where nothing is clipped) and measures the slope along the clipped direction, at
 order in ``h``.
 """
 
+import copy
 import math
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -54,22 +60,30 @@ from lipexp.defences.grad_norms import GradNorms
 
 @contextmanager
 def float32(x: Tensor):
-    """Autocast off on ``x``'s device type, and on CUDA TensorFloat-32 off too (cuDNN's
-    convolutions and matmuls would otherwise keep 10 mantissa bits): the enclosed passes
-    run in full float32."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        if not x.is_cuda:
-            yield
-            return
-        precision = torch.get_float32_matmul_precision()
-        cudnn_tf32 = torch.backends.cudnn.allow_tf32
-        torch.set_float32_matmul_precision("highest")  # the user's setting is put back below
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(precision)
-            torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    """Autocast off on ``x``'s device type, and on CUDA TensorFloat-32 off too: the enclosed
+    passes run in full float32."""
+    with torch.autocast(device_type=x.device.type, enabled=False), tf32_off(x.device):
+        yield
+
+
+@contextmanager
+def tf32_off(device: torch.device):
+    """On CUDA, TensorFloat-32 off inside the block (cuDNN's convolutions and matmuls would
+    otherwise keep 10 mantissa bits), the user's settings put back after; on other devices
+    nothing. The fd step's backward pass runs inside it too (RobustClassifier.backward):
+    the penalty's parameter gradient is a difference of two nearly equal gradients."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    precision = torch.get_float32_matmul_precision()
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
 
 @contextmanager
@@ -133,6 +147,154 @@ def quotient_to_norm(losses: Tensor, losses_h: Tensor, h: float | Tensor, dual_n
     return q * math.sqrt(n) if dual_norm == 1 else q
 
 
+class BatchStatistics:
+    """Batch normalization with one batch's statistics held fixed (the fd estimate's
+    per-example loss; docs/method.md, "Finite-difference estimate of the gradient norm").
+
+    In train mode a batch norm layer normalizes each example with the mean and variance of
+    its batch, so an example's loss also depends on the other examples. The estimate takes
+    the per-example function the batch defines,
+    ``l_i(x) = CE(f(x; mu_B, var_B), y_i)`` with every layer's ``mu_B, var_B`` (over batch
+    and spatial positions, biased variance, as batch norm) those of the batch at the point.
+    ``record()``: during the pass at the point each layer runs batch norm's own kernel
+    (``torch.native_batch_norm``: the same output and running-statistics update as the
+    layer's forward) and keeps the statistics it computed, made differentiable w.r.t. the
+    layer's input by ``_Statistics`` (the penalty's gradient flows through them as through
+    batch norm). Inside ``fixed()`` the layers normalize with them,
+    ``(z - mu_B) / sqrt(var_B + eps) * weight + bias``: each example is a function of its
+    own input only, and the running statistics are left alone. Layers that normalize with
+    running statistics (eval mode) are per-example already and are not touched.
+
+    Written by hand: PyTorch's batch norm module returns no statistics and takes no
+    differentiable ones. A plain ``model`` function (not an nn.Module) has no layers to fix.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        modules = model.modules() if isinstance(model, nn.Module) else ()
+        self.layers = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                       and (m.training or m.running_mean is None)]  # those using batch stats
+        custom = [type(m).__name__ for m in self.layers
+                  if type(m).forward not in (nn.modules.batchnorm._BatchNorm.forward,
+                                             nn.SyncBatchNorm.forward)]
+        if custom:  # its own forward would be replaced by plain batch norm's
+            raise ValueError(f"lip.method=fd holds batch norm's statistics fixed by running "
+                             f"the layers itself; {', '.join(sorted(set(custom)))} has a "
+                             "forward of its own (use lip.method=exact)")
+        self.stats: dict[nn.Module, tuple[Tensor, Tensor]] = {}  # layer -> (mean, 1/std)
+
+    @contextmanager
+    def _forwards(self, forward: Callable, layers: list[nn.Module]):
+        """Each layer's ``forward`` replaced by ``forward(layer, z)`` inside the block (an
+        instance attribute wins over the class's), whatever was there put back after."""
+        saved = [layer.__dict__.get("forward") for layer in layers]
+        for layer in layers:
+            layer.forward = partial(forward, layer)
+        try:
+            yield self
+        finally:
+            for layer, previous in zip(layers, saved):
+                if previous is None:
+                    del layer.forward
+                else:
+                    layer.forward = previous
+
+    def record(self):
+        return self._forwards(self._record, self.layers)
+
+    def _record(self, layer: nn.Module, z: Tensor) -> Tensor:
+        """``layer(z)`` (train mode: batch statistics, one running-statistics update, as
+        ``_BatchNorm.forward``), keeping the statistics."""
+        if isinstance(layer, nn.SyncBatchNorm) and torch.distributed.is_available() \
+                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise ValueError("lip.method=fd holds each rank's batch statistics fixed; it cannot "
+                             "be combined with SyncBatchNorm (trainer.sync_batchnorm=true)")
+        if layer in self.stats:  # a layer called twice in a pass has two sets of statistics
+            raise ValueError(f"lip.method=fd: the batch norm layer {layer} is called more than "
+                             "once in a forward pass; its statistics cannot be held fixed")
+        layer._check_input_dim(z)
+        # as the layer's own forward, which normalizes with batch statistics here: one value
+        # per channel is refused
+        F._verify_batch_size(z.size())
+        factor = 0.0 if layer.momentum is None else layer.momentum
+        if layer.training and layer.track_running_stats and layer.num_batches_tracked is not None:
+            layer.num_batches_tracked.add_(1)
+            if layer.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(layer.num_batches_tracked)
+        track = not layer.training or layer.track_running_stats
+        out, mean, invstd = torch.native_batch_norm(
+            z, layer.weight, layer.bias, layer.running_mean if track else None,
+            layer.running_var if track else None, True, factor, layer.eps)
+        self.stats[layer] = _Statistics.apply(z, mean, invstd)
+        return out
+
+    def fixed(self, differentiable: bool = True):
+        """Later passes normalize with the recorded statistics; ``differentiable=False``
+        treats them as constants (batch norm's inference kernel: each example's gradient is
+        then its own, without the statistics' path to the batch at the point)."""
+        # the layers the recorded pass called (one it never calls needs no statistics)
+        return self._forwards(partial(self._normalize, differentiable=differentiable),
+                              list(self.stats))
+
+    def _normalize(self, layer: nn.Module, z: Tensor, differentiable: bool) -> Tensor:
+        """Batch norm of ``z`` (B, C, ...) with the recorded (C,) statistics: batch norm's
+        inference kernel (statistics as constants), or the formula written out when the
+        statistics' graph is needed."""
+        mean, invstd = self.stats[layer]
+        if not (differentiable and torch.is_grad_enabled()):  # var from 1/std: up to rounding
+            return F.batch_norm(z, mean.detach(), invstd.detach().pow(-2) - layer.eps,
+                                layer.weight, layer.bias, False, 0.0, layer.eps)
+        shape = (1, -1, *[1] * (z.dim() - 2))  # (C,) -> (1, C, 1, ...)
+        out = (z - mean.view(shape)) * invstd.view(shape)
+        if layer.affine:
+            out = out * layer.weight.view(shape) + layer.bias.view(shape)
+        return out
+
+
+def with_batch_statistics(model: nn.Module, x: Tensor) -> nn.Module:
+    """A copy of ``model`` in eval mode whose batch norm layers normalize with the
+    statistics of the batch ``x`` (a cumulative average over that one batch, the variance
+    made biased as batch norm uses it): ``BatchStatistics``' per-example loss by PyTorch's
+    own layers, the reference that tests and benchmarks/fd_accuracy.py check it against."""
+    ref = copy.deepcopy(model).train()
+    layers = [m for m in ref.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    counts = {}  # layer -> values per channel of its input
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    hooks = [m.register_forward_pre_hook(
+        lambda m, a: counts.__setitem__(m, a[0].numel() / a[0].shape[1])) for m in layers]
+    with torch.no_grad():
+        ref(x)
+    for hook in hooks:
+        hook.remove()
+    for m, count in counts.items():
+        m.running_var *= (count - 1) / count
+    return ref.eval()
+
+
+class _Statistics(torch.autograd.Function):
+    """``(mean, invstd)`` of ``z`` (B, C, ...) per channel, as batch norm's kernel computed
+    them (passed in: no second reduction in the forward pass), differentiable w.r.t. ``z``:
+    with ``M`` values per channel, ``d mean / dz = 1 / M`` and, from
+    ``invstd = (var + eps)^(-1/2)`` and ``d var / dz = 2 (z - mean) / M``,
+    ``d invstd / dz = -invstd^3 (z - mean) / M``."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(z, mean, invstd)
+        return mean.clone(), invstd.clone()
+
+    @staticmethod
+    def backward(ctx, g_mean: Tensor, g_invstd: Tensor) -> tuple[Tensor, None, None]:
+        z, mean, invstd = ctx.saved_tensors
+        shape = (1, -1, *[1] * (z.dim() - 2))  # (C,) -> (1, C, 1, ...)
+        count = z.numel() // z.shape[1]
+        c = g_invstd * invstd.pow(3)  # (C,)
+        # (g_mean - c (z - mean)) / M as one pass over z: (g_mean + c mean) / M + z (-c / M)
+        return torch.addcmul(((g_mean + c * mean) / count).view(shape), z,
+                             (-c / count).view(shape)), None, None
+
+
 def clean_loss_and_direction(model: nn.Module, x: Tensor, y: Tensor,
                              dual_norm: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(l(x), f(x), d)`` in float32 and the model's current mode; ``l(x)`` (B,) keeps its
@@ -154,16 +316,56 @@ def loss_at(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return F.cross_entropy(_wide(logits), y, reduction="none"), logits
 
 
-def fd_grad_norms(model: nn.Module, x: Tensor, y: Tensor, dual_norm: int,
-                  h: float = 0.01) -> GradNorms:
-    """The estimator of ``lip.method=fd`` (interface of ``ESTIMATORS``): the per-example
-    ``sqrt(n)^[dual_norm == 1] * (l(x + h d) - l(x)) / h`` at ``x``; two forward passes.
-    The losses and logits returned are those at ``x`` (float32)."""
-    losses, logits, d = clean_loss_and_direction(model, x, y, dual_norm)
-    with running_stats_kept(model):  # one batch-norm update per step, at x (as exact)
-        losses_h, _ = loss_at(model, x.detach() + h * d, y)
-    return GradNorms(losses, logits, quotient_to_norm(losses, losses_h, h, dual_norm,
-                                                      x[0].numel()))
+def fd_grad_norms(model: nn.Module, x: Tensor, y: Tensor, dual_norm: int, h: float = 0.01,
+                  direction: Tensor | None = None) -> GradNorms:
+    """The estimator of ``lip.method=fd`` (interface of ``ESTIMATORS``): per example
+    ``N_i = sqrt(n)^[dual_norm == 1] * (l_i(x_i + h d_i) - l_i(x_i)) / h``, ``l_i`` with the
+    batch's statistics held fixed (``BatchStatistics``), all in float32.
+
+    ``d``: ``direction`` if given (detached; J1/J2 pass their own gradient's), otherwise
+    ``unit_direction`` of ``grad l_i(x_i)`` with the statistics held fixed: one more forward
+    pass and a backward pass to the input. (Not the gradient of the batch's summed loss
+    through train-mode batch norm: its cross-terms between images dominate where batch
+    norm sits on the logits, as in the tanh head, and turn that direction away from the
+    image's own gradient: docs/method.md.)
+
+    Only the largest estimate enters the penalty (``max_i N_i``), so only its image needs a
+    graph at ``x + h d``: the pass there runs without one over the batch, and the arg-max
+    image runs again with one. Cost: one forward pass with a graph (at ``x``; the
+    cross-entropy's too), one without, one image; the backward pass through ``x + h d`` is
+    one image's instead of the batch's. ``norms`` is differentiable w.r.t. the parameters at
+    its arg-max only (the others are detached: their gradient would be zero in the max).
+    The losses and logits returned are those at ``x`` (float32). Under ``torch.compile`` the
+    passes run on the uncompiled network (swapping the layers' forward would make the
+    compiled one recompile).
+    """
+    net = getattr(model, "_orig_mod", model)  # torch.compile's wrapper -> the network itself
+    stats = BatchStatistics(net)
+    n = x[0].numel()
+    with float32(x), torch.enable_grad():
+        with stats.record():  # batch norm's one running-statistics update of the step
+            logits = net(x.detach())
+        losses = F.cross_entropy(_wide(logits), y, reduction="none")  # (B,)
+        if direction is None:  # the gradient of each l_i at x_i, statistics held fixed
+            x0 = x.detach().requires_grad_(True)
+            with stats.fixed(differentiable=False):
+                losses_0 = F.cross_entropy(_wide(net(x0)), y, reduction="none")
+            (g,) = torch.autograd.grad(losses_0.sum(), x0)  # sum: each x_i its own gradient
+            direction = unit_direction(g, dual_norm)
+        x_h = (x.detach() + h * direction.detach()).to(x.dtype)  # (B, ...)
+        with stats.fixed():
+            with torch.no_grad():
+                losses_h = F.cross_entropy(_wide(net(x_h)), y, reduction="none")  # (B,)
+            norms = quotient_to_norm(losses.detach(), losses_h, h, dual_norm, n)  # (B,)
+            k = norms.argmax().view(1)  # (1,): no host sync
+            loss_k = F.cross_entropy(_wide(net(x_h.index_select(0, k))), y.index_select(0, k),
+                                     reduction="none")  # (1,), with a graph
+    norm_k = quotient_to_norm(losses.index_select(0, k), loss_k, h, dual_norm, n)  # (1,)
+    # The batch pass's values (so the max, here and across ranks, is taken over one set of
+    # numbers), with the image pass's gradient at the arg-max and at entries tied with it
+    # (max splits its gradient among ties: each then carries one image's).
+    at_k = (norms == norms.index_select(0, k)).to(norms.dtype)  # (B,)
+    return GradNorms(losses, logits, norms + at_k * (norm_k - norm_k.detach()))
 
 
 def adversarial_fd_objective(model: nn.Module, x: Tensor, y: Tensor, eps: float, clip: bool,
@@ -194,18 +396,72 @@ def adversarial_fd_objective(model: nn.Module, x: Tensor, y: Tensor, eps: float,
     return penalized(GradNorms(losses_adv, logits_adv, norms), y, n=x[0].numel(), **penalty)
 
 
+def attack_fd_objective(model: nn.Module, x: Tensor, y: Tensor, step: Callable, eps: float,
+                        clip: bool, h: float,
+                        **penalty: object) -> tuple[Tensor, dict[str, Tensor]]:
+    """J1/J2 with the fd penalty along the attack's own direction (``lip.direction=attack``,
+    the default; ``x`` is the CLEAN batch).
+
+    ``g`` is the perturbation's gradient (eval mode, at ``x``), ``x_adv = step(x, g)`` and
+    ``J = mean_i l(x_adv_i) + w h(max_i N_i)`` with ``N_i`` the estimate of ``fd_grad_norms``
+    at ``x_adv`` along ``d = unit_direction(g)``: the attack's backward pass is the only one
+    to the input, so fd costs one forward pass without a graph (and one image) more than J2.
+    ``N_i`` is the slope along the gradient's direction at the clean image, a lower bound of
+    ``||grad l(x_adv_i)||`` to first order in ``h`` (docs/method.md says by how much).
+    """
+    from lipexp.defences.adversarial import input_gradient
+    from lipexp.defences.lipschitz import penalized
+
+    g = input_gradient(model, x, y)
+    dual_norm = int(penalty["dual_norm"])
+    est = fd_grad_norms(model, step(x, g, eps, clip), y, dual_norm, h,
+                        direction=unit_direction(g, dual_norm))
+    return penalized(est, y, n=x[0].numel(), **penalty)
+
+
+def compose(perturb: Callable, objective: Callable) -> tuple[Callable, Callable]:
+    """``(perturb, objective)`` as the training step runs them (partials as Hydra builds
+    them). The fd penalty with J1/J2 uses the attack's gradient: ``lip.reuse_adv_gradient``
+    shares its passes (``share_adversarial_passes``), ``lip.direction=attack`` its direction
+    (``attack_fd_objective``); both then take the clean batch (``perturb`` passes it
+    through). Anything else is returned as it is."""
+    from lipexp.config import Direction, Method
+    from lipexp.defences.adversarial import STEPS, no_perturbation
+    from lipexp.defences.lipschitz import penalized_cross_entropy
+
+    settings = dict(getattr(objective, "keywords", {}))
+    if (getattr(objective, "func", None) is not penalized_cross_entropy
+            or Method(settings.get("method", Method.exact)) is not Method.fd):
+        return perturb, objective
+    if settings.get("reuse_adv_gradient"):
+        return share_adversarial_passes(perturb, objective)
+    step = STEPS.get(getattr(perturb, "func", perturb))
+    if step is None or Direction(settings.pop("direction", Direction.attack)) is Direction.point:
+        return perturb, objective  # J0, or d at the point: the estimator alone
+    for key in ("method", "reuse_adv_gradient"):
+        settings.pop(key, None)
+    h = settings.pop("h", 0.01)
+    eps, clip = perturb.keywords["eps"], perturb.keywords.get("clip", True)
+    return no_perturbation, partial(attack_fd_objective, step=step, eps=eps, clip=clip, h=h,
+                                    **settings)
+
+
 def share_adversarial_passes(perturb: Callable, objective: Callable) -> tuple[Callable, Callable]:
     """``(perturb, objective)`` of a run with ``lip.reuse_adv_gradient=true`` (partials as Hydra
     builds them): the clean batch passes through and ``adversarial_fd_objective`` makes the
     J1/J2 step and the penalty. Refuses what it cannot share: no attack step (J0), an
     attack whose direction is not the penalty's (J2 pairs with Lip2, J1 with Lip1), or
     ``lip.h`` different from ``adv.eps`` (the adversarial image must be ``x + h d``)."""
+    from lipexp.config import Direction
     from lipexp.defences.adversarial import l2_gradient_step, no_perturbation, signed_gradient_step
 
     settings = dict(objective.keywords)
     settings.pop("method", None)
     h = settings.pop("h", 0.01)
     settings.pop("reuse_adv_gradient", None)
+    if Direction(settings.pop("direction", Direction.attack)) is Direction.point:
+        raise ValueError("lip.reuse_adv_gradient=true takes the direction from the attack's "
+                         "train-mode gradient; it cannot be combined with lip.direction=point")
     pairs = {l2_gradient_step: (2, "adv=j2 with lip=lip2"),
              signed_gradient_step: (1, "adv=j1 with lip=lip1")}
     func = getattr(perturb, "func", perturb)

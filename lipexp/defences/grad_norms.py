@@ -13,7 +13,9 @@ class GradNorms:
 
     losses: Tensor  # (B,) l(x_i) = CE(f(x_i), y_i), differentiable w.r.t. the parameters
     logits: Tensor  # (B, K) f(x_i)
-    norms: Tensor  # (B,) ||grad_x l(x_i)||_dual_norm, differentiable w.r.t. the parameters
+    # (B,) ||grad_x l(x_i)||_dual_norm, differentiable w.r.t. the parameters at least at
+    # its largest entry, the one the penalty's max uses (fd: only there)
+    norms: Tensor
 
 
 # (model, x, y, dual_norm, h) -> GradNorms; h is the finite-difference step (l2, pixels),

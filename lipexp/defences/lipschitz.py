@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipexp.config import Method, Scaling
+from lipexp.config import Direction, Method, Scaling
 from lipexp.defences.finite_difference import fd_grad_norms
 from lipexp.defences.grad_norms import GradNormEstimator, GradNorms
 from lipexp.distributed import gather_batch
@@ -73,6 +73,7 @@ def penalized_cross_entropy(
     squared: bool = False,
     method: Method | str = Method.exact,
     h: float = 0.01,
+    direction: Direction | str = Direction.attack,
     reuse_adv_gradient: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``J = mean_i l(x_i) + w * h(L)``: the study's worst-case (WCAT) Lipschitz penalty.
@@ -87,13 +88,16 @@ def penalized_cross_entropy(
       penalty is the gradient of the batch-MEAN loss: ``h(L) / B`` for the plain max).
 
     Logs the raw per-example norms (``grad_norm_max``/``grad_norm_mean``, unscaled, global).
-    ``reuse_adv_gradient`` (fd sharing J1/J2's passes) is composed by
-    ``lipexp.build.build_module`` from ``finite_difference.adversarial_fd_objective``; this
-    function, which only sees the perturbed batch, refuses it.
+    fd's ``direction=attack`` (d from the J1/J2 step's gradient) and ``reuse_adv_gradient``
+    (fd sharing J1/J2's passes) need the clean batch: ``finite_difference.compose`` (called by
+    ``lipexp.build.build_module``) builds them. Called on a batch alone, this function
+    takes d from the gradient at ``x`` (as ``direction=point``; J0 always does) and refuses
+    ``reuse_adv_gradient``.
     """
     if reuse_adv_gradient:
         raise ValueError("lip.reuse_adv_gradient=true needs the clean batch: build the "
                          "objective with lipexp.build.build_module (adversarial_fd_objective)")
+    Direction(direction)  # a bad value fails here, not silently
     est = ESTIMATORS[Method(method)](model, x, y, dual_norm, h)
     return penalized(est, y, n=x[0].numel(), dual_norm=dual_norm, lam=lam,
                      lam_over_sqrt_n=lam_over_sqrt_n, scaling=scaling, target=target,
