@@ -15,8 +15,9 @@ training step), the per-image norms at the adversarial image:
   ``h = eps``), which is taken at the CLEAN image: against ``own`` at the clean image.
 
 Reports, relative to ``own``, the per-image ratios (median, 5% and 95% quantiles, extremes)
-and the ratios of the batch maxima (the number the penalty uses). The batches are those of
-the run's seed. Writes JSON.
+and the ratios of the batch maxima (the number the penalty uses). The batches are drawn
+with the run's seed, so reruns see the same ones (not the batches training saw). Writes
+JSON.
 
     python benchmarks/fd_accuracy.py outputs/default/checkpoints/last.ckpt --batches 8
 """

@@ -88,13 +88,18 @@ def build_trainer(cfg: DictConfig, module: RobustClassifier,
             "(lip.reuse_adv_gradient=true), whose passes each use their own statistics."
         )
     precision = str(cfg.trainer.get("precision"))
-    if cfg.lip.get("method") == "fd" and precision in ("16-true", "bf16-true"):
+    half_weights = ("16-true", "bf16-true", "transformer-engine", "transformer-engine-float16")
+    if cfg.lip.get("method") == "fd" and precision in half_weights:
         raise ValueError(
             f"trainer.precision={precision} cannot be combined with lip.method=fd: the finite "
             "difference needs float32 weights (the step h d is rounded away in half "
             "precision). Use trainer.precision=bf16-mixed or 16-mixed, whose fd passes run in "
             "float32."
         )
+    if cfg.lip.get("method") == "fd" and "deepspeed" in str(cfg.trainer.get("strategy")):
+        raise ValueError("trainer.strategy=deepspeed cannot be combined with lip.method=fd: "
+                         "DeepSpeed runs its own backward pass, which TF32 would enter "
+                         "(fd's backward needs full float32: docs/method.md)")
     unlimited = cfg.trainer.get("max_epochs") in (None, -1)  # Lightning: -1 = no limit
     require(not unlimited or (cfg.trainer.get("max_steps") or -1) > 0
             or cfg.trainer.get("max_time") is not None,

@@ -32,7 +32,7 @@ class RobustClassifier(pl.LightningModule):
     run on the uncompiled network (lipexp.defences.finite_difference.fd_grad_norms), only
     the J1/J2 step's gradient through the compiled one (except with the shared passes of
     ``lip.reuse_adv_gradient``, compiled throughout). ``full_precision_backward`` (fd):
-    the backward pass runs without TensorFloat-32 on CUDA (``finite_difference.float32``).
+    the backward pass runs without TensorFloat-32 on CUDA (``finite_difference.tf32_off``).
     """
 
     def __init__(

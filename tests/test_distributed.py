@@ -2,6 +2,7 @@
 the gradients equal those of one process on the concatenated batch."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -136,9 +137,9 @@ def test_slurm_launcher_config_composes(make_cfg):
 @pytest.mark.slow
 @pytest.mark.parametrize("lip", ["lip=none", "lip.method=fd"])
 def test_a_compiled_network_trains_under_ddp_as_the_uncompiled_one(tmp_path, lip):
-    """+model.compile=true under 2-process DDP (gloo, CPU): the run completes and its weights
-    after one epoch match the uncompiled run's (J2; with fd only the attack's gradient runs
-    compiled)."""
+    """+model.compile=true under 2-process DDP (gloo, CPU): the run completes, dynamo
+    traces (only in the compiled run), and its weights after one epoch match the uncompiled
+    run's (J2; with fd only the attack's gradient runs compiled)."""
     weights = []
     for option in ([], ["+model.compile=true"]):
         out = tmp_path / ("compiled" if option else "plain")
@@ -146,8 +147,10 @@ def test_a_compiled_network_trains_under_ddp_as_the_uncompiled_one(tmp_path, lip
             [sys.executable, "run.py", "trainer=ddp", "trainer.accelerator=cpu",
              "trainer.devices=2", "trainer.max_epochs=1", "eval.n_images=20", "logger=none",
              "trainer.enable_progress_bar=false", lip, *option, f"hydra.run.dir={out}"],
-            cwd=REPO, capture_output=True, text=True, timeout=600)
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+            env={**os.environ, "TORCH_LOGS": "dynamo"})
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("torchdynamo start tracing" in proc.stderr) == bool(option)  # compiled or not
         state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
         weights.append(state)
     assert weights[0].keys() == weights[1].keys()  # checkpoints hold the weights once, as net

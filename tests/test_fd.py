@@ -281,6 +281,34 @@ def test_fd_holds_the_batch_statistics_fixed():
                                                       direction=d).norms)
 
 
+def test_fd_leaves_frozen_batch_norm_layers_alone():
+    """A layer in eval mode with running statistics (frozen) normalizes with them in every
+    pass; one without running statistics (track_running_stats=False) uses the batch's even
+    in eval mode, so its statistics are held fixed like a train-mode layer's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Softplus(),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Softplus(),
+                          nn.Flatten(), nn.Linear(4 * H * W, K),
+                          nn.BatchNorm1d(K, affine=False, track_running_stats=False)).double()
+    with torch.no_grad():  # the frozen layer's running statistics: not the batch's
+        model[4].running_mean.uniform_(-1, 1)
+        model[4].running_var.uniform_(0.5, 2)
+    model.train()
+    model[4].eval()
+    model[8].eval()
+    x, y = batch()
+    d = fdm.unit_direction(torch.randn(x.shape, dtype=x.dtype), 2)
+    frozen = (model[4].running_mean.clone(), model[4].running_var.clone())
+    ref = with_batch_statistics(model, x)
+    assert not ref[4].training and torch.equal(ref[4].running_mean, frozen[0])  # untouched
+    expected = (F.cross_entropy(ref(x + 0.05 * d), y, reduction="none")
+                - F.cross_entropy(ref(x), y, reduction="none")) / 0.05
+    est = fd_grad_norms(model, x, y, 2, h=0.05, direction=d)
+    torch.testing.assert_close(est.norms, expected)
+    assert torch.equal(model[4].running_mean, frozen[0])  # the frozen layer is not updated
+    assert model[8].running_mean is None and "forward" not in model[8].__dict__
+
+
 def test_fd_at_the_point_follows_each_image_s_own_gradient_with_batch_norm():
     """Without a direction, d is the gradient of l_i at x_i with the batch statistics fixed
     (not that of the summed loss through train-mode batch norm, whose cross-terms turn it
@@ -465,20 +493,20 @@ def test_fd_backward_runs_without_tf32(make_cfg, monkeypatch):
         entered.clear()
         module.backward(loss)
         assert entered == expected, method
-    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = True
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = [f.allow_tf32 for f in flags]
     try:
+        for f in flags:
+            f.allow_tf32 = True
         with real(torch.device("cuda")):  # flags only: no CUDA device needed
-            assert torch.get_float32_matmul_precision() == "highest"
-            assert torch.backends.cudnn.allow_tf32 is False
-        assert torch.backends.cudnn.allow_tf32 is True
-        assert torch.get_float32_matmul_precision() == before[0]
+            assert [f.allow_tf32 for f in flags] == [False, False]
+        assert [f.allow_tf32 for f in flags] == [True, True]  # the user's settings back
     finally:
-        torch.set_float32_matmul_precision(before[0])
-        torch.backends.cudnn.allow_tf32 = before[1]
+        for f, value in zip(flags, before):
+            f.allow_tf32 = value
 
 
-@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "transformer-engine"])
 def test_fd_with_half_precision_weights_is_refused(make_cfg, precision):
     from lipexp.build import build_module, build_trainer
 

@@ -75,14 +75,14 @@ def tf32_off(device: torch.device):
     if torch.device(device).type != "cuda":
         yield
         return
-    precision = torch.get_float32_matmul_precision()
-    cudnn_tf32 = torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.allow_tf32 = False
+    # the two CUDA switches only (torch.set_float32_matmul_precision would also rewrite
+    # other backends' settings on the way back)
+    matmul_tf32, cudnn_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(precision)
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
 
@@ -251,16 +251,26 @@ class BatchStatistics:
 
 
 def with_batch_statistics(model: nn.Module, x: Tensor) -> nn.Module:
-    """A copy of ``model`` in eval mode whose batch norm layers normalize with the
-    statistics of the batch ``x`` (a cumulative average over that one batch, the variance
-    made biased as batch norm uses it): ``BatchStatistics``' per-example loss by PyTorch's
-    own layers, the reference that tests and benchmarks/fd_accuracy.py check it against."""
-    ref = copy.deepcopy(model).train()
-    layers = [m for m in ref.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    """A copy of ``model`` whose batch norm layers that normalize with batch statistics (as
+    ``BatchStatistics`` chooses them) normalize with those of the batch ``x`` instead, as
+    running statistics in eval mode (a cumulative average over that one batch, the variance
+    made biased as batch norm uses it); the other modules as in ``model``. It is
+    ``BatchStatistics``' per-example loss by PyTorch's own layers, the reference that tests
+    and benchmarks/fd_accuracy.py check it against."""
+    ref = copy.deepcopy(model)
+    layers = [m for m in ref.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and (m.training or m.running_mean is None)]
     counts = {}  # layer -> values per channel of its input
     for m in layers:
+        if m.running_mean is None:  # no running statistics: give it some to hold the batch's
+            m.track_running_stats = True
+            m.register_buffer("running_mean", torch.zeros(m.num_features))
+            m.register_buffer("running_var", torch.ones(m.num_features))
+            m.register_buffer("num_batches_tracked", torch.tensor(0))
+            m.to(x.device, x.dtype)
         m.reset_running_stats()
         m.momentum = None
+        m.train()
     hooks = [m.register_forward_pre_hook(
         lambda m, a: counts.__setitem__(m, a[0].numel() / a[0].shape[1])) for m in layers]
     with torch.no_grad():
@@ -269,7 +279,8 @@ def with_batch_statistics(model: nn.Module, x: Tensor) -> nn.Module:
         hook.remove()
     for m, count in counts.items():
         m.running_var *= (count - 1) / count
-    return ref.eval()
+        m.eval()
+    return ref
 
 
 class _Statistics(torch.autograd.Function):
