@@ -79,8 +79,8 @@ def build_trainer(cfg: DictConfig, module: RobustClassifier,
             "(lip.method=exact): PyTorch has no double backward through SyncBatchNorm. Keep "
             "batch normalization per rank (trainer.sync_batchnorm=false) or use lip=none."
         )
-    if cfg.trainer.get("sync_batchnorm") and cfg.lip.get("method") == "fd" \
-            and not cfg.lip.get("reuse_adv_gradient"):
+    fd = cfg.lip.get("method") == "fd"
+    if cfg.trainer.get("sync_batchnorm") and fd and not cfg.lip.get("reuse_adv_gradient"):
         raise ValueError(
             "trainer.sync_batchnorm=true cannot be combined with lip.method=fd: the finite "
             "difference holds each rank's batch statistics fixed (docs/method.md). Keep batch "
@@ -89,14 +89,14 @@ def build_trainer(cfg: DictConfig, module: RobustClassifier,
         )
     precision = str(cfg.trainer.get("precision"))
     half_weights = ("16-true", "bf16-true", "transformer-engine", "transformer-engine-float16")
-    if cfg.lip.get("method") == "fd" and precision in half_weights:
+    if fd and precision in half_weights:
         raise ValueError(
             f"trainer.precision={precision} cannot be combined with lip.method=fd: the finite "
             "difference needs float32 weights (the step h d is rounded away in half "
             "precision). Use trainer.precision=bf16-mixed or 16-mixed, whose fd passes run in "
             "float32."
         )
-    if cfg.lip.get("method") == "fd" and "deepspeed" in str(cfg.trainer.get("strategy")):
+    if fd and "deepspeed" in str(cfg.trainer.get("strategy")):
         raise ValueError("trainer.strategy=deepspeed cannot be combined with lip.method=fd: "
                          "DeepSpeed runs its own backward pass, which TF32 would enter "
                          "(fd's backward needs full float32: docs/method.md)")

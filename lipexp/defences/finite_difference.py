@@ -147,6 +147,13 @@ def quotient_to_norm(losses: Tensor, losses_h: Tensor, h: float | Tensor, dual_n
     return q * math.sqrt(n) if dual_norm == 1 else q
 
 
+def _uses_batch_statistics(m: nn.Module) -> bool:
+    """Whether ``m`` is a batch norm layer that normalizes with its batch's statistics (train
+    mode, or no running statistics to use)."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+        m.training or m.running_mean is None)
+
+
 class BatchStatistics:
     """Batch normalization with one batch's statistics held fixed (the fd estimate's
     per-example loss; docs/method.md, "Finite-difference estimate of the gradient norm").
@@ -171,8 +178,7 @@ class BatchStatistics:
 
     def __init__(self, model: nn.Module) -> None:
         modules = model.modules() if isinstance(model, nn.Module) else ()
-        self.layers = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                       and (m.training or m.running_mean is None)]  # those using batch stats
+        self.layers = [m for m in modules if _uses_batch_statistics(m)]
         custom = [type(m).__name__ for m in self.layers
                   if type(m).forward not in (nn.modules.batchnorm._BatchNorm.forward,
                                              nn.SyncBatchNorm.forward)]
@@ -258,8 +264,7 @@ def with_batch_statistics(model: nn.Module, x: Tensor) -> nn.Module:
     ``BatchStatistics``' per-example loss by PyTorch's own layers, the reference that tests
     and benchmarks/fd_accuracy.py check it against."""
     ref = copy.deepcopy(model)
-    layers = [m for m in ref.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-              and (m.training or m.running_mean is None)]
+    layers = [m for m in ref.modules() if _uses_batch_statistics(m)]
     counts = {}  # layer -> values per channel of its input
     for m in layers:
         if m.running_mean is None:  # no running statistics: give it some to hold the batch's
@@ -430,6 +435,18 @@ def attack_fd_objective(model: nn.Module, x: Tensor, y: Tensor, step: Callable, 
     return penalized(est, y, n=x[0].numel(), **penalty)
 
 
+def _penalty_settings(objective: Callable) -> tuple[dict, float, object]:
+    """``(settings of penalized, h, direction)`` from a ``penalized_cross_entropy`` partial's
+    keywords: the fd-only keys taken out."""
+    from lipexp.config import Direction
+
+    settings = dict(objective.keywords)
+    for key in ("method", "reuse_adv_gradient"):
+        settings.pop(key, None)
+    return (settings, settings.pop("h", 0.01),
+            Direction(settings.pop("direction", Direction.attack)))
+
+
 def compose(perturb: Callable, objective: Callable) -> tuple[Callable, Callable]:
     """``(perturb, objective)`` as the training step runs them (partials as Hydra builds
     them). The fd penalty with J1/J2 uses the attack's gradient: ``lip.reuse_adv_gradient``
@@ -440,18 +457,16 @@ def compose(perturb: Callable, objective: Callable) -> tuple[Callable, Callable]
     from lipexp.defences.adversarial import STEPS, no_perturbation
     from lipexp.defences.lipschitz import penalized_cross_entropy
 
-    settings = dict(getattr(objective, "keywords", {}))
+    keywords = getattr(objective, "keywords", {})
     if (getattr(objective, "func", None) is not penalized_cross_entropy
-            or Method(settings.get("method", Method.exact)) is not Method.fd):
+            or Method(keywords.get("method", Method.exact)) is not Method.fd):
         return perturb, objective
-    if settings.get("reuse_adv_gradient"):
+    if keywords.get("reuse_adv_gradient"):
         return share_adversarial_passes(perturb, objective)
+    settings, h, direction = _penalty_settings(objective)
     step = STEPS.get(getattr(perturb, "func", perturb))
-    if step is None or Direction(settings.pop("direction", Direction.attack)) is Direction.point:
+    if step is None or direction is Direction.point:
         return perturb, objective  # J0, or d at the point: the estimator alone
-    for key in ("method", "reuse_adv_gradient"):
-        settings.pop(key, None)
-    h = settings.pop("h", 0.01)
     eps, clip = perturb.keywords["eps"], perturb.keywords.get("clip", True)
     return no_perturbation, partial(attack_fd_objective, step=step, eps=eps, clip=clip, h=h,
                                     **settings)
@@ -466,11 +481,8 @@ def share_adversarial_passes(perturb: Callable, objective: Callable) -> tuple[Ca
     from lipexp.config import Direction
     from lipexp.defences.adversarial import l2_gradient_step, no_perturbation, signed_gradient_step
 
-    settings = dict(objective.keywords)
-    settings.pop("method", None)
-    h = settings.pop("h", 0.01)
-    settings.pop("reuse_adv_gradient", None)
-    if Direction(settings.pop("direction", Direction.attack)) is Direction.point:
+    settings, h, direction = _penalty_settings(objective)
+    if direction is Direction.point:
         raise ValueError("lip.reuse_adv_gradient=true takes the direction from the attack's "
                          "train-mode gradient; it cannot be combined with lip.direction=point")
     pairs = {l2_gradient_step: (2, "adv=j2 with lip=lip2"),
