@@ -125,7 +125,10 @@ def hand_fd(net: nn.Module, x: Tensor, y: Tensor, p: int, h: float,
     """(losses, norms) of the fd estimate in full float32 (no autocast, no TF32): d from the
     attack's gradient ``g`` (or from each image's gradient at x), the batch statistics at x held
     fixed at x + h d, a graph there for the arg-max image only (its norm the only one with a
-    gradient: the penalty takes the max)."""
+    gradient: the penalty takes the max). With ``--compile`` these passes run on the
+    uncompiled network, as lipexp's (fd_grad_norms: swapping batch norm's forward would
+    recompile it at every step); only the attack's gradient (hand_step) is compiled."""
+    net = getattr(net, "_orig_mod", net)  # torch.compile's wrapper -> the network itself
     stats = fd.BatchStatistics(net)
     with fd.float32(x):
         with stats.record():  # batch norm's one running-statistics update of the step

@@ -29,6 +29,35 @@ def results_are_strict_json(tmp_path):
         json.loads(path.read_text(), parse_constant=_reject)
 
 
+def _cuda_context():
+    """CUDA with TF32 off for the test: the device-independent tests compare against float32
+    closed forms (tolerances ~1e-5 relative), and TF32's 10-bit mantissa in cuDNN convolutions
+    and matmuls would be ~1e-3. Tests that run bf16 autocast state their own tolerance."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@pytest.fixture(params=[
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    ]),
+])
+def device(request):
+    """The device a device-independent test runs on: ``cpu`` in every run; ``cuda`` only under
+    ``pytest -m gpu`` (the default ``-m 'not slow and not gpu'`` deselects it), with TF32 off.
+    A test taking this fixture asserts a property that must hold on any device."""
+    if request.param == "cpu":
+        yield torch.device("cpu")
+    else:
+        yield from _cuda_context()
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread during the test: tiny models run faster without thread overhead, and

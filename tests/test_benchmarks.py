@@ -119,3 +119,48 @@ def test_fd_accuracy_benchmark_tiny_run_writes_its_json(make_cfg, tmp_path, one_
     assert report["batches"] == 2 and ratios["fd_reuse"]["per_image"] is None
     assert 0.9 < ratios["fd_point"]["batch_max"]["median"] < 1.1, ratios["fd_point"]
     assert ratios["fd_attack"]["batch_max"]["max"] < 1.1, ratios["fd_attack"]
+
+
+def test_gpu_check_cpu_dry_run_runs_every_part(tmp_path, one_thread):
+    """benchmarks/gpu_check.py --device cpu --quick (tiny sizes): every part runs and writes
+    its fragment, and the merged JSON and Markdown carry the machine, the versions and every
+    goal with a verdict (timings and verdicts are not asserted: a CPU is no H100); --only
+    reruns one part and keeps the others'."""
+    spec = importlib.util.spec_from_file_location("gpu_check",
+                                                  REPO / "benchmarks" / "gpu_check.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert {"machine", "versions", "device", "quick", "date", "parts", "goals"} <= saved.keys()
+    assert {"torch", "pytorch_lightning", "python", "lipexp", "lipexp_commit",
+            "cuda"} <= saved["versions"].keys()
+    assert saved["quick"] and saved["device"] == "cpu"
+    assert list(saved["parts"]) == list(bench.PARTS)
+    for name, part in saved["parts"].items():
+        assert part["status"] == "ok", (name, part.get("error"))
+        assert part["seconds"] > 0 and part["budget_s"] == bench.PARTS[name]
+        assert (tmp_path / "gpu_check_cpu_parts" / f"{name}.json").exists()
+    assert [g["id"] for g in saved["goals"]] == [g.id for g in bench.GOALS]
+    for g in saved["goals"]:
+        assert g["verdict"] in ("pass", "fail", "not-run") and g["goal"] and g["detail"]
+        assert g["verdict"] == "not-run" or math.isfinite(g["value"])
+    assert saved["goals"][0]["verdict"] == "not-run"  # CUDA tests: collected, not run here
+    parts = saved["parts"]
+    assert isinstance(parts["tests"]["collected"], int)
+    assert {r["defence"] for r in parts["step"]["rows"]} == {"j0", "j2-lip2-fd"}
+    assert len(parts["step"]["versus"]) == 1 and parts["compile"]["dynamo_disabled"]
+    assert all(r["compile"] for r in parts["compile"]["rows"])
+    assert parts["epoch"]["steps"] == 4 and len(parts["epoch"]["pairs"]) == 1
+    assert [a["attack"] for a in parts["eval"]["attacks"]] == ["l2_pgd", "linf_pgd"]
+    rounds = parts["concurrent"]["rounds"]
+    assert [r["processes"] for r in rounds] == [1, 2]
+    assert all(len(r["per_process_images_per_s"]) == r["processes"] for r in rounds)
+    markdown = (tmp_path / "gpu_check_cpu.md").read_text()
+    assert "Dry run" in markdown and all(g.text in markdown for g in bench.GOALS)
+    again = bench.main(["--device", "cpu", "--quick", "--only", "epoch", "--out",
+                        str(tmp_path)])
+    assert [p["status"] for p in again["parts"].values()] == ["ok"] * len(bench.PARTS)
+    assert again["parts"]["step"] == parts["step"]
+    assert again["parts"]["epoch"]["date"] >= parts["epoch"]["date"]

@@ -1,4 +1,5 @@
-"""Tests of lipexp.data: loaders, augmentation, data module (CPU, offline)."""
+"""Tests of lipexp.data: loaders, augmentation, data module (offline; augmentation and the
+batches of a training split held on a device also on CUDA, under pytest -m gpu)."""
 
 import pickle
 import shutil
@@ -105,18 +106,18 @@ def test_missing_data(tmp_path, loader, folder, file):
 # ---------------------------------------------------------------- augment
 
 
-def _batch(b=8, c=3, h=10, w=12):
-    return torch.rand(b, c, h, w) * 0.5 + 0.5  # in [0.5, 1]: no zeros
+def _batch(b=8, c=3, h=10, w=12, device="cpu"):
+    return (torch.rand(b, c, h, w) * 0.5 + 0.5).to(device)  # in [0.5, 1]: no zeros
 
 
-def test_augment_off_is_identity():
-    x = _batch()
+def test_augment_off_is_identity(device):
+    x = _batch(device=device)
     assert torch.equal(augment(x, 0, False, 0), x)
 
 
-def test_augment_flip():
-    torch.manual_seed(0)
-    x = _batch(b=256, h=4, w=5)
+def test_augment_flip(device):
+    torch.manual_seed(0)  # the random numbers of the device's generator (CUDA: its own)
+    x = _batch(b=256, h=4, w=5, device=device)
     y = augment(x, 0, True, 0)
     same = (y == x).flatten(1).all(1)
     mirrored = (y == x.flip(-1)).flatten(1).all(1)
@@ -133,10 +134,10 @@ def _shift(x, dy, dx):
     return out
 
 
-def test_augment_crop_is_a_shift_per_image():
+def test_augment_crop_is_a_shift_per_image(device):
     torch.manual_seed(0)
     p = 2
-    x = _batch(b=16)
+    x = _batch(b=16, device=device)
     y = augment(x, p, False, 0)
     shifts = []
     for xi, yi in zip(x, y, strict=True):
@@ -151,10 +152,10 @@ def test_augment_crop_is_a_shift_per_image():
     assert len(set(shifts)) > 1  # independent parameters per image
 
 
-def test_augment_cutout_square():
+def test_augment_cutout_square(device):
     torch.manual_seed(0)
     s, h, w = 4, 10, 12
-    x = _batch(b=64, h=h, w=w)
+    x = _batch(b=64, h=h, w=w, device=device)
     y = augment(x, 0, False, s)
     clipped = 0
     boxes = set()
@@ -173,8 +174,8 @@ def test_augment_cutout_square():
     assert 0 < clipped < len(x) and len(boxes) > 1
 
 
-def test_augment_device_dtype_and_seed():
-    x = _batch()
+def test_augment_device_dtype_and_seed(device):
+    x = _batch(device=device)
     torch.manual_seed(123)
     a = augment(x, 4, True, 3)
     torch.manual_seed(123)
@@ -204,11 +205,12 @@ def test_datamodule_digits():
     assert torch.equal(torch.cat([xb for xb, _ in val]), digits("", False).test_x)
 
 
-def test_datamodule_uint8_to_unit_float():
+def test_datamodule_uint8_to_unit_float(device):
     dm = _digits_module()
-    x = torch.tensor([0, 51, 255], dtype=torch.uint8)
-    out, _ = dm.on_after_batch_transfer((x, torch.zeros(3)), 0)
-    assert out.dtype == torch.float32 and torch.allclose(out, torch.tensor([0.0, 0.2, 1.0]))
+    x = torch.tensor([0, 51, 255], dtype=torch.uint8, device=device)
+    out, _ = dm.on_after_batch_transfer((x, torch.zeros(3, device=device)), 0)
+    assert out.dtype == torch.float32 and out.device == x.device
+    torch.testing.assert_close(out.cpu(), torch.tensor([0.0, 0.2, 1.0]))
 
 
 def test_datamodule_validation():
@@ -279,6 +281,27 @@ def test_a_batch_larger_than_the_set_is_kept_whole():
     dm = _digits_module(batch_size=5000)
     (xb, yb), = list(_fit_loader(dm))
     assert len(yb) == 1437
+
+
+def test_training_batches_come_from_where_the_training_split_lives(device):
+    """The batches of a split held on ``device`` (on CUDA by data.on_device=true) are those of
+    the split on the CPU, the same seed giving the same batches, gathered on the device."""
+    reference = _fit_loader(_digits_module(batch_size=100))
+    dm = _digits_module(batch_size=100, on_device=device.type == "cuda")
+    loader = _fit_loader(dm)
+    assert dm._train.tensors[0].device.type == dm._train.tensors[1].device.type == device.type
+    if device.type == "cuda":  # in-process gathers, nothing to pin
+        assert loader.num_workers == 0 and not loader.pin_memory
+    torch.manual_seed(7)
+    expected = list(reference)
+    torch.manual_seed(7)
+    batches = list(loader)
+    assert len(batches) == len(expected) == 1437 // 100
+    for (x, y), (xe, ye) in zip(batches, expected, strict=True):
+        assert x.device.type == y.device.type == device.type
+        assert torch.equal(x.cpu(), xe) and torch.equal(y.cpu(), ye)
+        unit, _ = dm.on_after_batch_transfer((x, y), 0)
+        assert unit.device.type == device.type and unit.dtype == torch.float32
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without GPU")

@@ -18,20 +18,24 @@ from lipexp.defences.adversarial import (
 )
 from lipexp.defences.lipschitz import cross_entropy, penalized_cross_entropy
 
+# Every test here compares float64 results with a closed form or an independent computation
+# (default float64 tolerances of assert_close), on the CPU and, under -m gpu, on CUDA.
+pytestmark = pytest.mark.numerics
 C, H, W, K = 2, 3, 3, 4  # tiny images: channels, height, width, classes
 N = C * H * W
 
 
-def linear_model(dtype=torch.float64) -> nn.Module:
+def linear_model(device="cpu", dtype=torch.float64) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(N, K)).to(dtype)
+    return nn.Sequential(nn.Flatten(), nn.Linear(N, K)).to(device, dtype)
 
 
-def batch(b: int = 6, dtype=torch.float64):
+def batch(b: int = 6, device="cpu", dtype=torch.float64):
+    """Drawn on the CPU (the same numbers on every device), then moved."""
     g = torch.Generator().manual_seed(1)
     x = torch.rand(b, C, H, W, generator=g, dtype=dtype) * 0.5 + 0.25  # interior of [0, 1]
     y = torch.randint(0, K, (b,), generator=g)
-    return x, y
+    return x.to(device), y.to(device)
 
 
 def linear_loss_gradient(model: nn.Module, x, y):
@@ -42,14 +46,14 @@ def linear_loss_gradient(model: nn.Module, x, y):
     return (r @ lin.weight).view_as(x)
 
 
-def test_input_gradient_matches_closed_form():
-    model, (x, y) = linear_model(), batch()
+def test_input_gradient_matches_closed_form(device):
+    model, (x, y) = linear_model(device), batch(device=device)
     torch.testing.assert_close(input_gradient(model, x, y), linear_loss_gradient(model, x, y))
 
 
 @pytest.mark.parametrize("eps", [0.01, 0.3])
-def test_signed_gradient_step_closed_form_and_l2_size(eps):
-    model, (x, y) = linear_model(), batch()
+def test_signed_gradient_step_closed_form_and_l2_size(eps, device):
+    model, (x, y) = linear_model(device), batch(device=device)
     x_adv = signed_gradient_step(model, x, y, eps=eps, clip=False)
     g = linear_loss_gradient(model, x, y)
     torch.testing.assert_close(x_adv, x + eps * g.sign() / math.sqrt(N))
@@ -58,8 +62,8 @@ def test_signed_gradient_step_closed_form_and_l2_size(eps):
 
 
 @pytest.mark.parametrize("eps", [0.01, 0.3])
-def test_l2_gradient_step_closed_form_and_l2_size(eps):
-    model, (x, y) = linear_model(), batch()
+def test_l2_gradient_step_closed_form_and_l2_size(eps, device):
+    model, (x, y) = linear_model(device), batch(device=device)
     x_adv = l2_gradient_step(model, x, y, eps=eps, clip=False)
     g = linear_loss_gradient(model, x, y)
     expected = x + eps * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
@@ -68,8 +72,8 @@ def test_l2_gradient_step_closed_form_and_l2_size(eps):
     torch.testing.assert_close(sizes, torch.full_like(sizes, eps))
 
 
-def test_perturbations_increase_loss_and_clip():
-    model, (x, y) = linear_model(), batch()
+def test_perturbations_increase_loss_and_clip(device):
+    model, (x, y) = linear_model(device), batch(device=device)
     clean = F.cross_entropy(model(x), y, reduction="none")
     for attack in (signed_gradient_step, l2_gradient_step):
         assert (F.cross_entropy(model(attack(model, x, y, eps=0.1, clip=False)), y,
@@ -79,15 +83,15 @@ def test_perturbations_increase_loss_and_clip():
     assert no_perturbation(model, x, y) is x
 
 
-def test_perturbation_uses_eval_mode_and_leaves_model_as_found():
+def test_perturbation_uses_eval_mode_and_leaves_model_as_found(device):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(),
-                          nn.Linear(4 * H * W, K)).double()
+                          nn.Linear(4 * H * W, K)).to(device, torch.float64)
     model[1].running_mean.fill_(0.3)  # eval-mode BN differs from train-mode BN
     model.train()
     for p in model.parameters():
         p.grad = torch.ones_like(p)
-    x, y = batch()
+    x, y = batch(device=device)
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
     g = input_gradient(model, x, y)
     model.eval()
@@ -112,24 +116,25 @@ def per_example_grad_norms(model: nn.Module, x, y, norm: int):
     return torch.linalg.vector_norm(g.flatten(1), ord=norm, dim=1)
 
 
-def mlp(dtype=torch.float64) -> nn.Module:
+def mlp(device="cpu", dtype=torch.float64) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(N, 8), nn.Tanh(), nn.Linear(8, K)).to(dtype)
+    return nn.Sequential(nn.Flatten(), nn.Linear(N, 8), nn.Tanh(),
+                         nn.Linear(8, K)).to(device, dtype)
 
 
 @pytest.mark.parametrize("norm", [1, 2])
 @pytest.mark.parametrize("scaling", list(Scaling))
 @pytest.mark.parametrize("target,squared", [(None, False), (None, True), (0.5, False),
                                             (0.5, True), (1e6, False)])
-def test_penalty_equals_per_example_computation(norm, scaling, target, squared):
-    model, (x, y) = mlp(), batch(b=8)
+def test_penalty_equals_per_example_computation(norm, scaling, target, squared, device):
+    model, (x, y) = mlp(device), batch(b=8, device=device)
     lam, sqrt_n = 0.7, norm == 1
     loss, logs = penalized_cross_entropy(model, x, y, dual_norm=norm, lam=lam,
                                          lam_over_sqrt_n=sqrt_n, scaling=scaling, target=target,
                                          squared=squared)
     norms = per_example_grad_norms(model, x, y, norm)
     largest = norms.max()  # the hinge target is in per-example units, as logged
-    excess = largest if target is None else max(largest - target, torch.zeros(()))
+    excess = largest if target is None else (largest - target).clamp_min(0)
     weight = lam / math.sqrt(N) if sqrt_n else lam
     weight /= len(x) if scaling is Scaling.batch_mean else 1
     penalty = weight * (excess**2 if squared else excess)
@@ -141,9 +146,9 @@ def test_penalty_equals_per_example_computation(norm, scaling, target, squared):
     torch.testing.assert_close(logs["ce"], ce)
 
 
-def test_penalty_gradient_is_the_gradient_of_the_worst_example():
+def test_penalty_gradient_is_the_gradient_of_the_worst_example(device):
     """d/dtheta of lam * max_i ||g_i|| is lam * d/dtheta ||g_k|| for the argmax k."""
-    model, (x, y) = mlp(), batch(b=8)
+    model, (x, y) = mlp(device), batch(b=8, device=device)
     loss, _ = penalized_cross_entropy(model, x, y, dual_norm=2, lam=1.0, scaling="per_example")
     ce = F.cross_entropy(model(x), y)
     grads = torch.autograd.grad(loss - ce, list(model.parameters()))
@@ -157,8 +162,8 @@ def test_penalty_gradient_is_the_gradient_of_the_worst_example():
 
 @pytest.mark.parametrize("norm", [1, 2])
 @pytest.mark.parametrize("scaling", ["per_example", "batch_mean"])
-def test_penalty_passes_gradcheck(norm, scaling):
-    model, (x, y) = mlp(), batch(b=4)
+def test_penalty_passes_gradcheck(norm, scaling, device):
+    model, (x, y) = mlp(device), batch(b=4, device=device)
     names = [n for n, _ in model.named_parameters()]
 
     def objective(*params):
@@ -170,8 +175,8 @@ def test_penalty_passes_gradcheck(norm, scaling):
     assert torch.autograd.gradcheck(objective, params, eps=1e-6, atol=1e-5)
 
 
-def test_cross_entropy_objective():
-    model, (x, y) = mlp(), batch()
+def test_cross_entropy_objective(device):
+    model, (x, y) = mlp(device), batch(device=device)
     loss, logs = cross_entropy(model, x, y)
     torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
     torch.testing.assert_close(logs["acc"], (model(x).argmax(1) == y).float().mean())

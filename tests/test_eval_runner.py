@@ -70,8 +70,10 @@ def evaluator(**kw):
                      error_at_linf=(8 / 255,), grid_points=20, **kw)
 
 
-def test_evaluator_writes_the_outputs_and_returns_the_results(tmp_path):
-    net, data, logger = tiny_net(), TinyData(), Recorder()
+def test_evaluator_writes_the_outputs_and_returns_the_results(tmp_path, device):
+    """On the network's device; the comparisons with evaluate() are exact (the same code on
+    the same device and threads), the clean error recomputed in the runner's batches of 4."""
+    net, data, logger = tiny_net().to(device), TinyData(), Recorder()
     results = evaluator()(net, data, tmp_path / "run", logger)
     assert set(results) == RESULT_KEYS
     assert {p.name for p in (tmp_path / "run").iterdir()} == OUTPUTS  # no temporary files
@@ -88,7 +90,8 @@ def test_evaluator_writes_the_outputs_and_returns_the_results(tmp_path):
     assert set(results["attacks"]["l2_pgd"]["error_at"]) == {"0", "0.1"}
     assert set(results["attacks"]["linf_fgsm"]["error_at"]) == {"0.03137255"}
     with torch.no_grad():
-        wrong = (net(to_unit(data.x[:10])).argmax(1) != data.y[:10]).double().mean().item()
+        logits = torch.cat([net(to_unit(xb.to(device))) for xb in data.x[:10].split(4)])
+        wrong = (logits.argmax(1).cpu() != data.y[:10]).double().mean().item()
     assert results["evaluation"]["clean_error"] == wrong
     saved = np.load(tmp_path / "run" / "distances.npz")
     np.testing.assert_array_equal(saved["indices"], np.arange(10))
@@ -111,8 +114,8 @@ def test_evaluator_writes_the_outputs_and_returns_the_results(tmp_path):
     assert not any("scale" in k for k in logged)
 
 
-def test_evaluator_takes_all_images_when_n_images_is_none(tmp_path):
-    results = Evaluator(attacks(), grid_points=10)(tiny_net(), TinyData(), tmp_path)
+def test_evaluator_takes_all_images_when_n_images_is_none(tmp_path, device):
+    results = Evaluator(attacks(), grid_points=10)(tiny_net().to(device), TinyData(), tmp_path)
     evaluation = {k: v for k, v in results["evaluation"].items()
                   if k not in ("clean_error", "cost")}
     assert evaluation == {"n_images": 16, "batch_size": 500, "bf16": False}
@@ -124,8 +127,8 @@ def fake_trainer(data, fast_dev_run=False):
     return SimpleNamespace(fast_dev_run=fast_dev_run, datamodule=data, logger=None)
 
 
-def test_callback_hands_the_results_to_on_done(tmp_path):
-    net, data, done = tiny_net(), TinyData(), []
+def test_callback_hands_the_results_to_on_done(tmp_path, device):
+    net, data, done = tiny_net().to(device), TinyData(), []
     callback = RobustnessEvaluation(evaluator(), str(tmp_path), on_done=done.append)
     callback.on_train_end(fake_trainer(data), SimpleNamespace(net=net))
     (results,) = done

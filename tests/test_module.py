@@ -12,13 +12,21 @@ COMBOS = list(itertools.product(["j0", "j1", "j2"], ["none", "lip1", "lip2"], ["
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def trainer_on(device) -> list[str]:
+    """The overrides of a Trainer on ``device`` (the device fixture's)."""
+    return ["trainer=gpu"] if device.type == "cuda" else []
+
+
 @pytest.mark.parametrize("adv,lip,head", COMBOS, ids=["-".join(c) for c in COMBOS])
-def test_every_combination_completes_a_fast_dev_run(make_cfg, adv, lip, head):
+def test_every_combination_completes_a_fast_dev_run(make_cfg, device, adv, lip, head):
     cfg = make_cfg(f"adv={adv}", f"lip={lip}", f"head={head}", "trainer.fast_dev_run=true",
-                   "logger=none", "model.width=8")
+                   "logger=none", "model.width=8", *trainer_on(device))
     module, datamodule, trainer = build(cfg)
     before = [p.detach().clone() for p in module.parameters()]
+    seen = set()  # the devices the network ran on (Lightning moves it back to the CPU after)
+    module.net.register_forward_pre_hook(lambda m, args: seen.add(args[0].device.type))
     trainer.fit(module, datamodule=datamodule)
+    assert seen == {device.type}
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"])
     assert ("train/penalty" in metrics) == (lip != "none")
@@ -26,16 +34,17 @@ def test_every_combination_completes_a_fast_dev_run(make_cfg, adv, lip, head):
         assert metrics["train/grad_norm_max"] >= metrics["train/grad_norm_mean"] > 0
         torch.testing.assert_close(metrics["train/loss"],
                                    metrics["train/ce"] + metrics["train/penalty"])
-    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    assert any(not torch.equal(a, b.cpu()) for a, b in zip(before, module.parameters()))
 
 
-def test_training_step_is_the_composition_of_the_defences(make_cfg):
+def test_training_step_is_the_composition_of_the_defences(make_cfg, device):
     """loss = objective(net, perturb(net, x, y), y), with the net in train mode."""
     cfg = make_cfg("adv=j2", "adv.eps=0.5", "lip=lip2", "lip.scaling=per_example")
     module, datamodule, _ = build(cfg)
+    module.to(device)
     datamodule.setup("fit")
     x, y = next(iter(datamodule.train_dataloader()))
-    x = x.float()
+    x, y = x.float().to(device), y.to(device)
     module.train()
     state = {k: v.clone() for k, v in module.state_dict().items()}
     loss = module.training_step((x, y), 0)

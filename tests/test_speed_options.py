@@ -1,10 +1,12 @@
-"""Mixed precision, memory layout and torch.compile: every defence trains a step under bf16
-autocast (CPU), the fd losses stay float32, and the model options build and train."""
+"""Mixed precision, memory layout, torch.compile and data on the GPU: every defence trains a
+step under bf16 autocast, the fd losses stay float32, and the model options build and train,
+on the CPU and (pytest -m gpu) on CUDA."""
 
 from functools import partial
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from torch import nn
 
 from lipexp.defences.adversarial import l2_gradient_step
@@ -23,15 +25,31 @@ def lip_overrides(lip: str) -> list[str]:
     return [f"lip={name}"] + ([f"lip.method={method}"] if method else [])
 
 
+def trainer_on(device) -> list[str]:
+    """The overrides of a Trainer on ``device`` (the device fixture's)."""
+    return ["trainer=gpu"] if device.type == "cuda" else []
+
+
+def devices_seen(module) -> set[str]:
+    """The device types the network's forward passes will have run on (Lightning moves the
+    module back to the CPU after fit)."""
+    seen = set()
+    module.net.register_forward_pre_hook(lambda m, args: seen.add(args[0].device.type))
+    return seen
+
+
 @pytest.mark.parametrize("adv,lip", DEFENCES, ids=["-".join(d) for d in DEFENCES])
-def test_every_defence_trains_a_step_in_bf16(make_cfg, adv, lip):
+def test_every_defence_trains_a_step_in_bf16(make_cfg, device, adv, lip):
     cfg = make_cfg(f"adv={adv}", *lip_overrides(lip), "trainer.precision=bf16-mixed",
-                   "trainer.fast_dev_run=true", "logger=none", "model.width=4")
+                   "trainer.fast_dev_run=true", "logger=none", "model.width=4",
+                   *trainer_on(device))
     module, datamodule, trainer = build_run(cfg)
     before = [p.detach().clone() for p in module.parameters()]
+    seen = devices_seen(module)
     trainer.fit(module, datamodule=datamodule)
+    assert seen == {device.type}
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    assert any(not torch.equal(a, b.cpu()) for a, b in zip(before, module.parameters()))
 
 
 def conv_model() -> nn.Module:
@@ -40,9 +58,11 @@ def conv_model() -> nn.Module:
                          nn.Flatten(), nn.Linear(4 * 36, 5))
 
 
-def test_fd_losses_are_float32_under_bf16_autocast():
-    model, x, y = conv_model(), torch.rand(8, 1, 6, 6), torch.randint(0, 5, (8,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def test_fd_losses_are_float32_under_bf16_autocast(device):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 1, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)
+    model, x, y = conv_model().to(device), x.to(device), y.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         assert model(x).dtype == torch.bfloat16  # autocast is on for the network ...
         est = fd_grad_norms(model, x, y, 2, h=0.01)
         loss, logs = adversarial_fd_objective(model, x, y, eps=0.01, clip=True, dual_norm=2,
@@ -59,9 +79,9 @@ def test_fd_losses_are_float32_under_bf16_autocast():
     torch.testing.assert_close(est.norms, plain.norms)
 
 
-def test_channels_last_stores_weights_and_activations_in_nhwc(make_cfg, tmp_path):
+def test_channels_last_stores_weights_and_activations_in_nhwc(make_cfg, device):
     cfg = make_cfg("+model.channels_last=true", "trainer.fast_dev_run=true", "logger=none",
-                   "model.width=4")
+                   "model.width=4", *trainer_on(device))
     module, datamodule, trainer = build_run(cfg)
     convs = [m for m in module.net.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last)
@@ -72,18 +92,21 @@ def test_channels_last_stores_weights_and_activations_in_nhwc(make_cfg, tmp_path
     convs[1].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     trainer.fit(module, datamodule=datamodule)
     assert seen and all(x.is_contiguous(memory_format=torch.channels_last)
-                        and not x.is_contiguous() for x in seen)
+                        and not x.is_contiguous() and x.device.type == device.type for x in seen)
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     plain, _, _ = build_run(make_cfg("model.width=4"))
     assert module.state_dict().keys() == plain.state_dict().keys()
 
 
-def test_compile_with_the_exact_penalty_warns_and_trains_uncompiled(make_cfg):
+def test_compile_with_the_exact_penalty_warns_and_trains_uncompiled(make_cfg, device):
     cfg = make_cfg("+model.compile=true", "lip=lip2", "trainer.fast_dev_run=true",
-                   "logger=none", "model.width=4")
+                   "logger=none", "model.width=4", *trainer_on(device))
     with pytest.warns(UserWarning, match="cannot differentiate twice"):
         module, datamodule, trainer = build_run(cfg)
     assert module.__dict__["_train_net"] is module.net
+    seen = devices_seen(module)
     trainer.fit(module, datamodule=datamodule)
+    assert seen == {device.type}
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
@@ -98,22 +121,30 @@ def test_compile_with_fd_compiles_the_training_network_only(make_cfg):
 
 
 @pytest.mark.slow
-def test_compiled_fd_training_runs(make_cfg):
+def test_compiled_fd_training_runs(make_cfg, device):
     cfg = make_cfg("+model.compile=true", "lip=lip2", "lip.method=fd",
-                   "trainer.fast_dev_run=true", "logger=none", "model.width=4")
+                   "trainer.fast_dev_run=true", "logger=none", "model.width=4",
+                   *trainer_on(device))
     module, datamodule, trainer = build_run(cfg)
+    seen = devices_seen(module)
     trainer.fit(module, datamodule=datamodule)
+    assert seen == {device.type}
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_device_data_trains_on_the_gpu_in_bf16(make_cfg):
-    """data.on_device=true: the training set lives on the GPU and batches come from there."""
-    cfg = make_cfg("trainer=gpu", "data.on_device=true", "trainer.precision=bf16-mixed",
-                   "lip=lip2", "lip.method=fd", "trainer.fast_dev_run=true", "logger=none",
-                   "model.width=4")
-    module, datamodule, trainer = build_run(cfg)
+def test_on_device_data_trains_from_the_gpu_or_is_refused(make_cfg, device):
+    """data.on_device=true: on a GPU the training set lives there and batches come from
+    there (bf16, fd penalty); with a CPU trainer there is no device to hold it on, and the
+    setting is refused (without CUDA when the data module is built, with CUDA at setup)."""
+    overrides = ["data.on_device=true", "trainer.precision=bf16-mixed", "lip=lip2",
+                 "lip.method=fd", "trainer.fast_dev_run=true", "logger=none", "model.width=4",
+                 *trainer_on(device)]
+    if device.type != "cuda":  # (Hydra wraps the data module's ValueError)
+        with pytest.raises((ValueError, InstantiationException), match="data.on_device=true"):
+            module, datamodule, trainer = build_run(make_cfg(*overrides))
+            trainer.fit(module, datamodule=datamodule)
+        return
+    module, datamodule, trainer = build_run(make_cfg(*overrides))
     seen = []
     module.net.register_forward_pre_hook(lambda m, args: seen.append(args[0].device.type))
     trainer.fit(module, datamodule=datamodule)
