@@ -1,6 +1,11 @@
 """Launching DDP jobs from Hydra: each job of a multirun runs once, in its own folder, with
 its own ranks. Torch-free at import, so that run.py can use it before Hydra parses the
-command line (the data-parallel math is in ``lipexp.distributed``)."""
+command line (the data-parallel math is in ``lipexp.distributed``).
+
+This concerns Lightning's own launch only (its subprocess launcher, which re-runs the
+command for ranks 1..N-1). Processes started outside, one per rank (``srun`` under SLURM,
+torchrun), are used as they are: Lightning's cluster environment then creates no process,
+and ``child_argv`` is None in each of them (tests/test_cluster.py)."""
 
 import json
 import os

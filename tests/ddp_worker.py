@@ -1,4 +1,5 @@
-"""Worker processes for the data-parallel tests (torch.multiprocessing.spawn, gloo, CPU)."""
+"""Worker processes for the data-parallel tests (torch.multiprocessing.spawn, gloo, CPU); the
+ranks meet at a store the test holds (tests/rendezvous.py)."""
 
 import os
 from functools import partial
@@ -10,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import lipexp.defences.lipschitz as lipschitz
 from lipexp.defences.adversarial import l2_gradient_step, no_perturbation, signed_gradient_step
-from lipexp.defences.finite_difference import compose
+from lipexp.defences.compose import compose
 
 B, N_IN, K = 8, 12, 4  # global batch, input dimension, classes
 
@@ -65,15 +66,17 @@ def step_gradients(case: str, scaling: str, x, y, distributed: bool):
     return [p.grad.clone() for p in step.parameters()], logs["grad_norm_max"].item()
 
 
-def _init(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _init(rank: int, world: int, env: dict[str, str]) -> None:
+    """Join the group at the test's store (tests/rendezvous.py: ``env`` is its address)."""
+    os.environ.update(env)
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
     torch.set_num_threads(1)
 
 
-def gradients_worker(rank: int, world: int, port: int, out: str, local_max: bool) -> None:
+def gradients_worker(rank: int, world: int, env: dict[str, str], out: str,
+                     local_max: bool) -> None:
     """Each rank takes its contiguous share of the batch; saves its gradients and logs."""
-    _init(rank, world, port)
+    _init(rank, world, env)
     if local_max:  # the wrong implementation the test must catch: max over the rank only
         lipschitz.gather_batch = lambda t: t
     x, y = make_batch()
@@ -85,14 +88,14 @@ def gradients_worker(rank: int, world: int, port: int, out: str, local_max: bool
     dist.destroy_process_group()
 
 
-def evaluation_worker(rank: int, world: int, port: int, out: str) -> None:
+def evaluation_worker(rank: int, world: int, env: dict[str, str], out: str) -> None:
     """Every rank calls evaluate() on the same images; rank 0 saves the distances. Rank 1's
     BN statistics differ: evaluate() must use rank 0's network on every rank."""
     from lipexp.attacks.threat import Norm
     from lipexp.evaluation.distance_attacks import PGDSearch
     from lipexp.evaluation.evaluate import evaluate
 
-    _init(rank, world, port)
+    _init(rank, world, env)
     model, x, y = evaluation_problem()
     if rank == 1:  # as after DDP training: one more local update of the BN statistics
         model[1].running_mean += 0.5

@@ -1,9 +1,8 @@
 """Data parallelism on CPU (gloo, 2 processes): the penalty's max spans the global batch and
-the gradients equal those of one process on the concatenated batch."""
+the gradients equal those of one process on the concatenated batch. The ranks of every test
+meet at a store the test holds (tests/rendezvous.py): no free port is picked and released."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 
@@ -15,18 +14,20 @@ from lipexp.evaluation.evaluate import evaluate
 
 from . import ddp_worker as w
 from .conftest import REPO
+from .rendezvous import clean_env, rendezvous
 
 WORLD = 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(fn, *args):
-    mp.spawn(fn, args=(WORLD, free_port(), *args), nprocs=WORLD, join=True)
+    with rendezvous() as meeting:
+        mp.spawn(fn, args=(WORLD, meeting.env, *args), nprocs=WORLD, join=True)
+        assert meeting.used()
+
+
+def run_py(*args: str, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=clean_env(**env))
 
 
 def reference():
@@ -76,11 +77,12 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
 
 def test_ddp_run_on_digits_writes_results_once(tmp_path):
     out = tmp_path / "ddp"
-    proc = subprocess.run(
-        [sys.executable, "run.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-         "trainer.max_epochs=2", "eval.n_images=20", "trainer.enable_progress_bar=false",
-         f"hydra.run.dir={out}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+    with rendezvous() as meeting:
+        proc = run_py("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                      "trainer.max_epochs=2", "eval.n_images=20",
+                      "trainer.enable_progress_bar=false", f"hydra.run.dir={out}",
+                      env=meeting.env)
+        assert meeting.used()  # Lightning's ranks met at the test's store
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Run folder:") == 1
     results = json.loads((out / "results.json").read_text())
@@ -108,12 +110,20 @@ def test_sync_batchnorm_with_the_penalty_is_refused(make_cfg):
 
 
 def test_ddp_multirun_runs_each_job_once_in_its_own_folder(tmp_path):
-    """Lightning re-launches ranks with sys.argv; under -m that must not rerun the sweep."""
-    proc = subprocess.run(
-        [sys.executable, "run.py", "-m", "adv=j0,j2", "trainer=ddp", "trainer.accelerator=cpu",
-         "trainer.devices=2", "trainer.max_epochs=1", "eval.n_images=10",
-         "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+    """Lightning re-launches ranks with sys.argv; under -m that must not rerun the sweep.
+    Each job's ranks form a new process group, so each job meets at its own store (one store
+    serves one group: tests/rendezvous.py), given by Hydra's hydra.job.env_set per job
+    number."""
+    with rendezvous() as first, rendezvous() as second:
+        ports = {f"LIPEXP_TEST_PORT_{i}": m.env["MASTER_PORT"]
+                 for i, m in enumerate((first, second))}
+        shared = {k: v for k, v in first.env.items() if k != "MASTER_PORT"}
+        proc = run_py("-m", "adv=j0,j2", "trainer=ddp", "trainer.accelerator=cpu",
+                      "trainer.devices=2", "trainer.max_epochs=1", "eval.n_images=10",
+                      "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}",
+                      "+hydra.job.env_set.MASTER_PORT='${oc.env:LIPEXP_TEST_PORT_${hydra.job.num}}'",
+                      env={**shared, **ports})
+        assert first.used() and second.used()
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = {json.loads(p.read_text())["config"]["adv"]["_target_"].rsplit(".", 1)[1]:
              json.loads(p.read_text())["status"] for p in tmp_path.rglob("results.json")}
@@ -143,12 +153,12 @@ def test_a_compiled_network_trains_under_ddp_as_the_uncompiled_one(tmp_path, lip
     weights = []
     for option in ([], ["+model.compile=true"]):
         out = tmp_path / ("compiled" if option else "plain")
-        proc = subprocess.run(
-            [sys.executable, "run.py", "trainer=ddp", "trainer.accelerator=cpu",
-             "trainer.devices=2", "trainer.max_epochs=1", "eval.n_images=20", "logger=none",
-             "trainer.enable_progress_bar=false", lip, *option, f"hydra.run.dir={out}"],
-            cwd=REPO, capture_output=True, text=True, timeout=600,
-            env={**os.environ, "TORCH_LOGS": "dynamo"})
+        with rendezvous() as meeting:
+            proc = run_py("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                          "trainer.max_epochs=1", "eval.n_images=20", "logger=none",
+                          "trainer.enable_progress_bar=false", lip, *option,
+                          f"hydra.run.dir={out}", timeout=600,
+                          env={**meeting.env, "TORCH_LOGS": "dynamo"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert ("torchdynamo start tracing" in proc.stderr) == bool(option)  # compiled or not
         state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
