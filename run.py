@@ -10,10 +10,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lipexp.cli import is_eval, quote_ckpt_path, run_py_eval
+from lipexp.cli import is_eval, run_py_eval
 from lipexp.config import Mode, register, unknown_choices
 from lipexp.ddp_launch import child_argv
 from lipexp.deprecations import chosen_options, notices, rename_keys
+from lipexp.overrides import quote_ckpt_path
 
 register()
 if (argv := child_argv()) is not None:

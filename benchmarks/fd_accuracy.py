@@ -40,8 +40,8 @@ from lipexp.build import build_datamodule, build_module  # noqa: E402
 from lipexp.checkpoint import load_run_checkpoint  # noqa: E402
 from lipexp.data.datamodule import to_unit  # noqa: E402
 from lipexp.defences.adversarial import STEPS, input_gradient  # noqa: E402
+from lipexp.defences.compose import adversarial_fd_objective  # noqa: E402
 from lipexp.defences.finite_difference import (  # noqa: E402
-    adversarial_fd_objective,
     fd_grad_norms,
     unit_direction,
     with_batch_statistics,

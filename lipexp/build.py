@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipexp.config import as_plain_dict
 from lipexp.data.datamodule import ImageDataModule
-from lipexp.defences.finite_difference import compose
+from lipexp.defences.compose import compose
 from lipexp.defences.lipschitz import needs_double_backward
 from lipexp.errors import require
 from lipexp.evaluation.runner import Evaluator

@@ -3,17 +3,15 @@
 ``lipexp lipschitz data [--split train|test] [overrides ...]``: the data set's Lipschitz
 constant (lipexp.lipschitz.data_constant). ``lipexp eval RUN_DIR_OR_CHECKPOINT [overrides
 ...]``: a run's robustness evaluation, again (lipexp.reevaluate). Also ``python -m
-lipexp.cli report DIR``. And the quoting of paths for Hydra's command line, which run.py
-uses too: run folders are named by their overrides (``outputs/adv=l2,head=tanh``).
+lipexp.cli report DIR``. (The quoting of overrides for Hydra's command line: lipexp.overrides.)
 """
 
 import argparse
-import re
-import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
+
+from lipexp.overrides import hydra_quoted, override_key, under
 
 CONF = Path(__file__).resolve().parents[1] / "conf"  # the repository's, beside run.py
 # The settings a re-evaluation takes from its own command line, with their sub-keys; the
@@ -22,64 +20,6 @@ EVALUATION = ("eval", "attacks", "logger")  # logger=none: no logger for the eva
 # Paths that ``lipexp eval`` may set too, taken literally (quoted for Hydra): the output
 # folder, and where the data set is read (when the run's own data folder is not here).
 EVAL_PATHS = ("hydra.run.dir", "data.data_dir", "paths.data_dir")
-
-
-def override_key(override: str) -> str:
-    """The key of a Hydra override, without its ``+``, ``++`` or ``~``."""
-    return override.partition("=")[0].lstrip("+~")
-
-
-def under(key: str, sections: tuple[str, ...]) -> bool:
-    """Whether ``key`` is one of ``sections`` or one of their sub-keys."""
-    return any(key == s or key.startswith(f"{s}.") for s in sections)
-
-
-def hydra_quoted(value: str) -> str:
-    """``value`` as a Hydra quoted string that Hydra and OmegaConf read back as exactly
-    ``value``, whatever it holds (``= , [ ] ' \\ ${``...). Each layer has the same rule for
-    its escape character: a run of backslashes before it is doubled, then it is escaped;
-    OmegaConf's is ``${`` (an interpolation), Hydra's the closing quote (and the end)."""
-    literal = re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + "\\${", value)
-    quoted = re.sub(r"(\\*)('|\Z)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), literal)
-    return f"'{quoted}'"
-
-
-def quote_ckpt_path(args: list[str]) -> list[str]:
-    """run.py's command line with ``ckpt_path=PATH`` as a Hydra quoted string where Hydra's
-    grammar would stop at PATH (``mismatched input '='``), or read an existing PATH as
-    something else (``a,b`` is a sweep); any other argument as given, and all of them under
-    ``-m`` (a sweep over paths is Hydra's to parse: quote each one there)."""
-    if "-m" in args or "--multirun" in args:
-        return args
-    return [f"ckpt_path={hydra_quoted(arg.partition('=')[2])}"
-            if arg.startswith("ckpt_path=") and _misread(arg) else arg for arg in args]
-
-
-def _misread(override: str) -> bool:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    value = override.partition("=")[2]
-    try:
-        (parsed,) = OverridesParser.create().parse_overrides([override])
-    except OverrideParseException:
-        return True  # quoted, it reads; else Hydra's error names no path
-    # an interpolation, a quoted string or a sweep that names no file is left to Hydra
-    return parsed.value() != value and Path(value).exists()
-
-
-def reevaluate_command(target: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> str:
-    """``lipexp eval /abs/target [overrides]``, shell-quoted: the command that evaluates
-    ``target`` (a run folder or checkpoint) again, with the run's own evaluation settings
-    and ``overrides`` (an evaluation's own, so that it repeats itself). ``lipexp`` is this
-    environment's console script when the shell finds it, else ``python -m lipexp.cli`` with
-    this interpreter's absolute path (``make run`` does not activate the virtual
-    environment)."""
-    script = shutil.which("lipexp")
-    here = Path(sys.executable).parent
-    command = (["lipexp"] if script and Path(script).resolve().parent == here.resolve()
-               else [sys.executable, "-m", "lipexp.cli"])
-    return shlex.join([*command, "eval", str(Path(target).resolve()), *overrides])
 
 
 def _report(folder: str) -> int:

@@ -38,7 +38,7 @@ def job_scope(output_dir: str | os.PathLike) -> Iterator[None]:
     env_before = {k: os.environ[k] for k in DDP_ENV if k in os.environ}
     from hydra.core.hydra_config import HydraConfig  # imported here: only run() needs Hydra
 
-    from lipexp.cli import hydra_quoted
+    from lipexp.overrides import hydra_quoted
 
     if HydraConfig.initialized():
         overrides = list(HydraConfig.get().overrides.task)

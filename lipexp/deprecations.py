@@ -132,11 +132,9 @@ def upgrade_run_config(config: dict) -> dict:
         config["data"].setdefault("on_device", False)  # lipexp 0.3; before: in host memory
     evaluation = config.get("eval")
     if isinstance(evaluation, dict) and "lipschitz" not in evaluation:
-        from lipexp.config import EvalConfig  # imported here: config imports this module
-
-        # what ran before lipexp 0.2: no Lipschitz analysis (its settings at their defaults)
-        evaluation |= {"lipschitz": False,
-                       "jacobian_iterations": EvalConfig.jacobian_iterations}
+        # what ran before lipexp 0.2: no Lipschitz analysis; its setting at 0.2's default, a
+        # frozen literal (what such a run means, not today's default)
+        evaluation |= {"lipschitz": False, "jacobian_iterations": 20}
     if isinstance(evaluation, dict):
         evaluation.setdefault("progress", True)  # lipexp 0.4; the numbers do not depend on it
     return config

@@ -14,11 +14,11 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 
 from lipexp.build import build_datamodule, build_evaluator, build_module
 from lipexp.checkpoint import RunCheckpoint, load_run_checkpoint, load_weights
-from lipexp.cli import override_key, reevaluate_command
 from lipexp.config import as_plain_dict, validate
 from lipexp.errors import require
 from lipexp.evaluation.runner import Evaluator
 from lipexp.loggers import closing_logger
+from lipexp.overrides import override_key, reevaluate_command
 from lipexp.provenance import provenance
 from lipexp.runfolder import RunFolder, RunFolderError, read_results
 from lipexp.stopping import GracefulStop

@@ -27,6 +27,7 @@ from lipexp import __version__
 from lipexp.deprecations import PGD_SEARCH_0_3, RENAMED_KEYS, upgrade_run_config
 from lipexp.errors import Stopped
 from lipexp.files import atomic_path, write_json_atomic
+from lipexp.overrides import reevaluate_command
 from lipexp.provenance import now
 
 log = logging.getLogger(__name__)
@@ -243,8 +244,6 @@ class RunFolder:
                                   for c in changed)
             if changed and evaluation_only and previous.get("status") == "completed":
                 # trained as this command would train it: the run stands, with its numbers
-                from lipexp.cli import reevaluate_command
-
                 log.warning("%s is already completed, evaluated with other settings (this "
                             "command: %s); its results stand. To evaluate it again with "
                             "these settings: %s, with them as overrides (eval.KEY=..., "

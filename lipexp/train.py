@@ -8,11 +8,11 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
 from lipexp.build import build_datamodule, build_evaluator, build_module, build_trainer
-from lipexp.cli import reevaluate_command
 from lipexp.config import as_plain_dict, validate
 from lipexp.ddp_launch import job_scope
 from lipexp.evaluation.callback import RobustnessEvaluation
 from lipexp.loggers import closing_logger
+from lipexp.overrides import reevaluate_command
 from lipexp.provenance import provenance
 from lipexp.resume import RunState
 from lipexp.runfolder import RunFolder, requeued

@@ -17,7 +17,8 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from lipexp.cli import hydra_quoted, main, quote_ckpt_path
+from lipexp.cli import main
+from lipexp.overrides import hydra_quoted, quote_ckpt_path
 
 from .conftest import REPO
 from .wandb_records import run_record, summary_keys
@@ -146,7 +147,7 @@ def test_the_command_printed_at_the_end_of_training_re_evaluates_the_run(trained
 def test_the_printed_command_runs_where_lipexp_is_not_on_the_path(monkeypatch, tmp_path):
     """make run does not activate the virtual environment: the command then names this
     interpreter, which has lipexp installed."""
-    from lipexp.cli import reevaluate_command
+    from lipexp.overrides import reevaluate_command
 
     monkeypatch.setattr("shutil.which", lambda name: None)
     args = shlex.split(reevaluate_command(tmp_path))

@@ -10,7 +10,8 @@ from hydra.errors import InstantiationException
 from torch import nn
 
 from lipexp.defences.adversarial import l2_gradient_step
-from lipexp.defences.finite_difference import adversarial_fd_objective, compose, fd_grad_norms
+from lipexp.defences.compose import adversarial_fd_objective, compose
+from lipexp.defences.finite_difference import fd_grad_norms
 from lipexp.defences.lipschitz import penalized_cross_entropy
 
 from .conftest import build_run

@@ -89,7 +89,7 @@ def penalized_cross_entropy(
 
     Logs the raw per-example norms (``grad_norm_max``/``grad_norm_mean``, unscaled, global).
     fd's ``direction=attack`` (d from the J1/J2 step's gradient) and ``reuse_adv_gradient``
-    (fd sharing J1/J2's passes) need the clean batch: ``finite_difference.compose`` (called by
+    (fd sharing J1/J2's passes) need the clean batch: ``lipexp.defences.compose`` (called by
     ``lipexp.build.build_module``) builds them. Called on a batch alone, this function
     takes d from the gradient at ``x`` (as ``direction=point``; J0 always does) and refuses
     ``reuse_adv_gradient``.
