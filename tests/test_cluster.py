@@ -172,3 +172,31 @@ def test_srun_ranks_requeued_by_sigusr1_resume_as_uninterrupted(srun_run, tmp_pa
         done.pop(key), expected.pop(key)
     assert done == expected
     assert_same_weights(folder, reference)
+
+
+@pytest.fixture
+def in_srun_task(monkeypatch):
+    """This process as task 0 of a 2-task srun step (nothing is launched)."""
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    for key, value in slurm_task(0, {}).items():
+        monkeypatch.setenv(key, value)
+    return monkeypatch
+
+
+def test_ranks_that_srun_did_not_start_are_refused_before_training(in_srun_task, make_cfg):
+    from lipexp.build import build_module, build_trainer, check_slurm_tasks
+
+    cfg = make_cfg("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=4", "logger=none")
+    with pytest.raises(ValueError, match=r"= 4 ranks, but srun started SLURM_NTASKS=2"):
+        build_trainer(cfg, build_module(cfg), [])
+    with pytest.raises(ValueError, match="SLURM_NTASKS=2"):
+        check_slurm_tasks(1, 1)  # one rank asked, two tasks started
+    with pytest.raises(ValueError, match="SLURM_NTASKS=2"):
+        check_slurm_tasks(2, 2)  # 2 nodes asked, 1 given
+    check_slurm_tasks(2, 1)  # what srun started
+    check_slurm_tasks("auto", 1)  # Lightning resolves it
+    in_srun_task.setenv("SLURM_JOB_NAME", "interactive")  # Lightning: not a SLURM launch
+    check_slurm_tasks(4, 1)
+    in_srun_task.delenv("SLURM_NTASKS")  # sbatch's own shell, a login node
+    check_slurm_tasks(4, 1)
