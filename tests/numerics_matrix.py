@@ -8,6 +8,8 @@ marked ``numerics`` are run once per configuration:
   ATEN_CPU_CAPABILITY = default, avx2 and avx512 (those the CPU supports)
   MKL_ENABLE_INSTRUCTIONS=AVX2 with ONEDNN_MAX_CPU_ISA=AVX2 (where the CPU has more than AVX2)
   MKL_ENABLE_INSTRUCTIONS=SSE4_2 with ONEDNN_MAX_CPU_ISA=SSE41 (the oldest paths)
+  MKL_CBWR=COMPATIBLE (MKL's reproducible path: other kernels again; on this project's AMD
+    machines it reproduced a failure first seen on an Intel Xeon's AVX-512 MKL kernels)
   each with OMP_NUM_THREADS = 1 and 2.
 
 Usage: ``make test-numerics`` (or ``python tests/numerics_matrix.py [--all] [pytest args]``);
@@ -46,6 +48,7 @@ def configurations(flags: set[str]) -> list[dict[str, str]]:
         kernels.append({"ATEN_CPU_CAPABILITY": "avx512"})
         kernels.append({"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
     kernels.append({"MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"})
+    kernels.append({"MKL_CBWR": "COMPATIBLE"})
     return [{**k, "OMP_NUM_THREADS": str(n)} for k in kernels for n in (1, 2)]
 
 

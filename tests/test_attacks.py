@@ -32,9 +32,9 @@ def linear_model(dtype=torch.float32, seed=0) -> nn.Module:
 
 def interior_batch(model: nn.Module, b: int = 32, wrong: int = 3, seed=1):
     """Images in [0.4, 0.6] (the box does not bind), labelled by the model except the first
-    ``wrong`` (misclassified clean)."""
+    ``wrong`` (misclassified clean); drawn on the CPU, on the model's device and dtype."""
     g = torch.Generator().manual_seed(seed)
-    x = (0.4 + 0.2 * torch.rand(b, *SHAPE, generator=g)).to(model[1].weight.dtype)
+    x = (0.4 + 0.2 * torch.rand(b, *SHAPE, generator=g)).to(model[1].weight)
     with torch.no_grad():
         y = model(x).argmax(1)
     y[:wrong] = (y[:wrong] + 1) % K
@@ -58,6 +58,13 @@ def exact_distances(model: nn.Module, x, y, norm: Norm):
 
 
 def max_rel_gap(found, exact) -> float:
+    """The worst ``found / exact - 1`` over the images broken clean-correct. The tests bound
+    it by the search's bracket, rtol = 2%: an exact attack fails at a size ``lo`` at most the
+    exact distance (up to float32 rounding, ~1e-6 relative) and the search stops with
+    ``found <= (1 + rtol) lo``. The sizes it tries sit where the search puts them, not at a
+    boundary, so the gaps measured (at most 1.7%) stay well inside 2%; a start at the exact
+    distance itself (the first-order estimate, PGDSearch) ends at 0 or 1.6% whichever way
+    rounding decides there."""
     broken = exact > 0
     return ((found.double()[broken] - exact[broken]) / exact[broken]).max().item()
 
@@ -65,43 +72,52 @@ def max_rel_gap(found, exact) -> float:
 # --- threat models ----------------------------------------------------------------------
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("norm", list(Norm))
-def test_project_stays_in_ball_and_box(norm):
+def test_project_stays_in_ball_and_box(norm, device):
+    """Float32: the projected perturbation's norm exceeds eps only by rounding (a relative
+    1e-6 and 1e-7 absolute: ~10 ulps); eps 0 gives x itself, exactly (x + 0 * delta)."""
     threat, g = THREATS[norm], torch.Generator().manual_seed(0)
-    x = torch.rand(8, 3, 4, 4, generator=g)
-    eps = torch.linspace(0.0, 2.0, 8)  # per image, 0 included
-    x_adv = threat.project(x + 3 * torch.randn(8, 3, 4, 4, generator=g), x, eps)
+    x = torch.rand(8, 3, 4, 4, generator=g).to(device)
+    eps = torch.linspace(0.0, 2.0, 8).to(device)  # per image, 0 included
+    x_adv = threat.project(x + 3 * torch.randn(8, 3, 4, 4, generator=g).to(device), x, eps)
     assert (x_adv >= 0).all() and (x_adv <= 1).all()
     assert (threat.norm(x_adv - x) <= eps * (1 + 1e-6) + 1e-7).all()
     assert (x_adv[0] == x[0]).all()  # eps 0
-    inside = x + 1e-3 * torch.randn(8, 3, 4, 4, generator=g) * (eps[:, None, None, None] > 0)
+    inside = x + 1e-3 * torch.randn(8, 3, 4, 4, generator=g).to(device) * (
+        eps[:, None, None, None] > 0)
     inside = inside.clamp(0, 1)
     torch.testing.assert_close(threat.project(inside, x, eps), inside)  # already feasible
 
 
-def test_l2_project_scales_onto_the_sphere():
-    x = torch.full((2, 1, 2, 2), 0.5)
-    delta = torch.tensor([0.3, -0.4, 0.0, 0.0]).reshape(1, 1, 2, 2).repeat(2, 1, 1, 1)  # norm 0.5
-    x_adv = THREATS[Norm.l2].project(x + delta, x, torch.tensor([0.1, 1.0]))
+def test_l2_project_scales_onto_the_sphere(device):
+    x = torch.full((2, 1, 2, 2), 0.5, device=device)
+    delta = torch.tensor([0.3, -0.4, 0.0, 0.0], device=device).reshape(1, 1, 2, 2).repeat(
+        2, 1, 1, 1)  # norm 0.5
+    x_adv = THREATS[Norm.l2].project(x + delta, x, torch.tensor([0.1, 1.0], device=device))
     torch.testing.assert_close(x_adv[0], x[0] + 0.2 * delta[0])
     torch.testing.assert_close(x_adv[1], x[1] + delta[1])
 
 
-def test_step_directions():
-    x = torch.full((2, 1, 2, 2), 0.5)
-    grad = torch.tensor([3.0, -4.0, 0.0, 0.0]).reshape(1, 1, 2, 2).repeat(2, 1, 1, 1)
+def test_step_directions(device):
+    x = torch.full((2, 1, 2, 2), 0.5, device=device)
+    grad = torch.tensor([3.0, -4.0, 0.0, 0.0], device=device).reshape(1, 1, 2, 2).repeat(
+        2, 1, 1, 1)
     grad[1] = 0  # no gradient: no move
-    size = torch.tensor([0.1, 0.1])
+    size = torch.tensor([0.1, 0.1], device=device)
     l2, linf = THREATS[Norm.l2].step(x, grad, size), THREATS[Norm.linf].step(x, grad, size)
     torch.testing.assert_close(l2[0], x[0] + 0.1 * grad[0] / 5)
     torch.testing.assert_close(linf[0], x[0] + 0.1 * grad[0].sign())
     assert (l2[1] == x[1]).all() and (linf[1] == x[1]).all()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("norm", list(Norm))
-def test_init(norm):
+def test_init(norm, device):
+    """A random start lies in the ball up to rounding (the tolerance of the previous test)."""
     threat, g = THREATS[norm], torch.Generator().manual_seed(0)
-    x, eps = torch.rand(16, 3, 4, 4, generator=g), torch.linspace(0.0, 1.0, 16)
+    x = torch.rand(16, 3, 4, 4, generator=g).to(device)
+    eps = torch.linspace(0.0, 1.0, 16).to(device)
     assert torch.equal(threat.init(x, eps, random=False), x)
     torch.manual_seed(1)  # not the seed of x
     x0 = threat.init(x, eps, random=True)
@@ -122,15 +138,18 @@ def test_pgd_validation():
             PGD("l2", **bad)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("norm", list(Norm))
-def test_one_step_configs_are_fgsm_and_gradient_attack(norm):
+def test_one_step_configs_are_fgsm_and_gradient_attack(norm, device):
     """FGSM: clip(x + eps sign(g)); gradient attack: clip(x + eps g / ||g||_2), with
-    g = W^T (softmax(z) - onehot(y)); large eps so that the clip binds."""
-    model = linear_model(torch.float64)
+    g = W^T (softmax(z) - onehot(y)); large eps so that the clip binds. Float64: the
+    attack's gradient and the formula's differ by ~1e-16, and none of these images has a
+    gradient component or a logit margin anywhere near that (a sign or a success to flip)."""
+    model = linear_model(torch.float64).to(device)
     g = torch.Generator().manual_seed(2)
-    x = torch.rand(16, *SHAPE, generator=g, dtype=torch.float64)
-    y = torch.randint(0, K, (16,), generator=g)
-    eps = torch.linspace(0.05, 0.5, 16, dtype=torch.float64)
+    x = torch.rand(16, *SHAPE, generator=g, dtype=torch.float64).to(device)
+    y = torch.randint(0, K, (16,), generator=g).to(device)
+    eps = torch.linspace(0.05, 0.5, 16, dtype=torch.float64).to(device)
     attack = PGD(norm=norm, steps=1, rel_step=1.0, targets=0)
     x_adv, success = attack(model, x, y, eps)
 
@@ -150,54 +169,64 @@ def test_one_step_configs_are_fgsm_and_gradient_attack(norm):
 
 
 @pytest.mark.parametrize("pgd", [PGD("l2"), PGD("l2", targets=0, early_stop=True)])
-def test_eps_zero_is_only_checked_clean(pgd):
-    model = linear_model()
+def test_eps_zero_is_only_checked_clean(pgd, device):
+    """eps 0 returns x itself (no arithmetic on it); 1e-6 is 4 orders of magnitude below
+    these images' distances (~0.05 and more)."""
+    model = linear_model().to(device)
     x, y = interior_batch(model, b=6, wrong=2)
-    x_adv, success = pgd(model, x, y, torch.zeros(6))
+    x_adv, success = pgd(model, x, y, torch.zeros(6, device=device))
     assert torch.equal(x_adv, x)
     assert success.tolist() == [True, True, False, False, False, False]
-    x_adv, success = pgd(model, x, y, torch.tensor([0.0, 1.0, 0.0, 0.0, 1e-6, 1e-6]))
+    eps = torch.tensor([0.0, 1.0, 0.0, 0.0, 1e-6, 1e-6], device=device)
+    x_adv, success = pgd(model, x, y, eps)
     assert success[:2].all() and not success[2:].any()  # clean mistakes, sizes too small
 
 
-def test_bf16_autocast_does_not_decide_the_clean_mistakes():
+@pytest.mark.numerics
+def test_bf16_autocast_does_not_decide_the_clean_mistakes(device):
     """Logits offset by 100, where bf16 keeps 2 or 3 significant digits: classes 0 and 1
     within about 0.1 of each other on every image, so under bf16 the clean argmax of many
     images differs from float32's. The clean check is in float32, so an image correct in
     float32 still gets its distance (not +inf, as when a bf16 "clean mistake" blocked every
-    later success) and no image is called broken at a size too small to break it."""
+    later success) and no image is called broken at a size too small to break it.
+    (Which images flip depends on the bf16 kernels' rounding; that many do, not.)"""
     from lipexp.evaluation.distance_attacks import PGDSearch
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
     x = torch.rand(200, 1, 4, 4)
+    model, x = model.to(device), x.to(device)
     with torch.no_grad():
         model[1].bias.add_(100.0)
         z = model(x)
         model[1].bias[1] += (z[:, 0] - z[:, 1]).median()  # classes 0 and 1 neck and neck
         z = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             flips = (model(x).argmax(1) != z.argmax(1)).sum()
     y = z.argmax(1)
     assert flips > 10
     search = PGDSearch("l2", eps_init=0.01, eps_max=20.0)
     fp32 = search.distances(model, x, y)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         bf16 = search.distances(model, x, y)
         _, broken = PGD("l2", targets=0, early_stop=True)(model, x, y, 1e-9)
     assert fp32.isfinite().all() and bf16.isfinite().all() and not broken.any()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("norm", list(Norm))
-def test_pgd_outputs_feasible_and_smallest_successful(norm):
-    model = linear_model()
+def test_pgd_outputs_feasible_and_smallest_successful(norm, device):
+    """Float32: sizes 30% either side of the exact distances, so no success hangs on
+    rounding; the examples' norms may undercut the exact minimum by float32's rounding of
+    the logits only (1e-5 relative: ~1e-7 times |z| / margin)."""
+    model = linear_model().to(device)
     x, y = interior_batch(model, b=16)
     x = x.clamp(0.45, 0.55)
-    x[:8, 0, 0, :3] = torch.tensor([0.0, 1.0, 0.999])  # on and near the edges of the box
+    x[:8, 0, 0, :3] = torch.tensor([0.0, 1.0, 0.999], device=device)  # on and near the box
     with torch.no_grad():
         y[3:] = model(x[3:]).argmax(1)
     exact, delta = exact_distances(model, x, y, norm)
-    eps = exact.float() * torch.tensor([0.7, 1.3]).repeat(8)  # either side of the exact one
+    eps = exact.float() * torch.tensor([0.7, 1.3], device=device).repeat(8)  # either side
     eps[3] = 0.0
     for random_start in (False, True):
         torch.manual_seed(0)
@@ -217,9 +246,11 @@ def test_pgd_outputs_feasible_and_smallest_successful(norm):
 # --- distances --------------------------------------------------------------------------
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("norm", list(Norm))
-def test_distances_of_a_linear_model_are_exact(norm):
-    model = linear_model()
+def test_distances_of_a_linear_model_are_exact(norm, device):
+    """Float32: below the exact minimum by the logits' rounding only (1e-5 relative)."""
+    model = linear_model().to(device)
     x, y = interior_batch(model)
     exact, delta = exact_distances(model, x, y, norm)
     # the minimizers (and 10% beyond) lie well inside [0, 1]: the box does not bind
@@ -235,13 +266,15 @@ def test_distances_of_a_linear_model_are_exact(norm):
     assert gap <= 0.02
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("norm", list(Norm))
-def test_the_default_search_is_exact_on_a_linear_model(norm):
+def test_the_default_search_is_exact_on_a_linear_model(norm, device):
     """PGDSearch's defaults (PGD-10, the 3 nearest targets, early stop, x1.25 steps), as
-    every run's evaluation uses them: within 2% of the exact minimum for every image."""
+    every run's evaluation uses them: within 2% of the exact minimum for every image
+    (float64: below it by rounding only, 1e-9)."""
     from lipexp.evaluation.distance_attacks import PGDSearch
 
-    model = linear_model(torch.float64)
+    model = linear_model(torch.float64).to(device)
     x, y = interior_batch(model)
     exact, _ = exact_distances(model, x, y, norm)
     found = PGDSearch(norm, eps_init=1e-3, eps_max=10.0).distances(model, x, y)
@@ -249,9 +282,10 @@ def test_the_default_search_is_exact_on_a_linear_model(norm):
     assert max_rel_gap(found, exact) <= 0.02
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("factor", [1.25, 1.6, 2.0])
-def test_the_search_factor_changes_the_path_not_the_answer(factor):
-    model = linear_model(torch.float64)
+def test_the_search_factor_changes_the_path_not_the_answer(factor, device):
+    model = linear_model(torch.float64).to(device)
     x, y = interior_batch(model)
     exact, _ = exact_distances(model, x, y, Norm.l2)
     for start in (0.01, 10 * exact.max().item()):  # far below and far above every distance
@@ -262,15 +296,21 @@ def test_the_search_factor_changes_the_path_not_the_answer(factor):
         adversarial_distances(model, x, y, PGD("l2"), "l2", 0.01, 10.0, factor=2.5)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("norm", list(Norm))
-def test_early_stop_succeeds_exactly_where_the_full_run_does(norm):
+def test_early_stop_succeeds_exactly_where_the_full_run_does(norm, device):
     """The iterates are the same until an image's first success, so success at a size is
     the same with and without early stop; the early example is no smaller, and the broken
-    images leave the batch (fewer forward passes)."""
-    model = linear_model(torch.float64)
+    images leave the batch (fewer forward passes).
+
+    "The same" up to rounding: once images leave, the smaller batch runs through other
+    kernels (another matmul blocking), so later iterates differ by ulps. Float64 makes that
+    ~1e-16 relative: the sizes are 20% below and 10% above the exact distances, so no
+    success hangs on it, and the norms compare with a 1e-12 slack (norms < 1)."""
+    model = linear_model(torch.float64).to(device)
     x, y = interior_batch(model)
     exact, _ = exact_distances(model, x, y, norm)
-    eps = exact * torch.tensor([0.8, 1.1]).repeat(16).double()  # below reach, within it
+    eps = exact * torch.tensor([0.8, 1.1], device=device).repeat(16).double()  # below, within
     passes = []
     model.register_forward_pre_hook(lambda m, a: passes.append(len(a[0])))
     runs = {}
@@ -286,25 +326,28 @@ def test_early_stop_succeeds_exactly_where_the_full_run_does(norm):
     assert (threat.norm(first - x) <= eps * (1 + 1e-9)).all()
 
 
-def test_targets_given_are_the_classes_aimed_at():
+@pytest.mark.numerics
+def test_targets_given_are_the_classes_aimed_at(device):
     """On the model of the next test (class 1: highest wrong logit, 0.25 away; class 2: 0.1
-    away), one targeted run towards the class given breaks at 0.12 only towards class 2."""
-    model, x, y = closest_class_problem()
+    away), one targeted run towards the class given breaks at 0.12 only towards class 2
+    (20% beyond one boundary, half of the other: no rounding decides)."""
+    model, x, y = closest_class_problem(device)
     pgd = PGD("l2", targets=1)
     for cls, broken in ((1, False), (2, True)):
-        _, ok = pgd(model, x, y, 0.12, targets=torch.full((4, 1), cls))
+        _, ok = pgd(model, x, y, 0.12, targets=torch.full((4, 1), cls, device=device))
         assert ok.all() == broken and ok.any() == broken
     _, ok = pgd(model, x, y, 0.12)  # default: the highest wrong logit, class 1
     assert not ok.any()
 
 
-def test_first_order_distances_are_exact_per_class_on_a_linear_model():
+@pytest.mark.numerics
+def test_first_order_distances_are_exact_per_class_on_a_linear_model(device):
     from lipexp.attacks.first_order import first_order_distances
 
-    model = linear_model(torch.float64)
+    model = linear_model(torch.float64).to(device)
     x, y = interior_batch(model, wrong=0)
     w, b = model[1].weight, model[1].bias
-    classes = (y[:, None] + torch.tensor([1, 2, 5])) % K  # (B, 3) wrong classes
+    classes = (y[:, None] + torch.tensor([1, 2, 5], device=device)) % K  # (B, 3) wrong classes
     for norm in Norm:
         d = first_order_distances(model, x, y, classes, norm)
         z = x.flatten(1) @ w.T + b
@@ -313,17 +356,17 @@ def test_first_order_distances_are_exact_per_class_on_a_linear_model():
         torch.testing.assert_close(d, (margin / dual).detach().clamp_min(0))
 
 
-def test_unbroken_images_get_inf():
-    model = linear_model()
+def test_unbroken_images_get_inf(device):
+    model = linear_model().to(device)
     x, y = interior_batch(model, b=8, wrong=2)
     found = adversarial_distances(model, x, y, PGD("l2"), "l2", eps_init=1e-5, eps_max=1e-4)
     assert (found[:2] == 0).all() and found[2:].isinf().all()
 
 
-def closest_class_problem():
+def closest_class_problem(device="cpu"):
     """y = 0; class 1 has the highest wrong logit but its boundary is 0.25 away in l2
     (||w_0 - w_1|| = 2, gap 0.5); class 2 is far below (gap 10) but 0.1 away
-    (||w_0 - w_2|| = 100)."""
+    (||w_0 - w_2|| = 100). Float32, on ``device``."""
     w, bias = torch.zeros(K, D), torch.zeros(K)
     w[1, 1], bias[1] = 2.0, -1.5  # z_1 = -0.5 at x_1 = 0.5
     w[2, 2], bias[2] = 100.0, -60.0  # z_2 = -10 at x_2 = 0.5
@@ -336,20 +379,23 @@ def closest_class_problem():
     x = 0.45 + 0.1 * torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(0))
     x[:, 0, 0, 1:3] = 0.5
     y = torch.zeros(4, dtype=torch.long)
-    return model, x, y
+    return model.to(device), x.to(device), y.to(device)
 
 
-def test_targeted_runs_find_the_closest_class():
+@pytest.mark.numerics
+def test_targeted_runs_find_the_closest_class(device):
     """On closest_class_problem the cross-entropy leans towards class 1, the targeted run
     towards class 2 finds the exact distance; ranked by first-order distance (the default
-    search), class 2 is the first target, so one targeted run is enough."""
+    search), class 2 is the first target, so one targeted run is enough. The first-order
+    start is the exact distance 0.1, where the logits tie; either way rounding decides
+    there, the search ends within 1.6% (max_rel_gap)."""
     from lipexp.evaluation.distance_attacks import PGDSearch
 
-    model, x, y = closest_class_problem()
+    model, x, y = closest_class_problem(device)
     z = model(x).detach()
     assert (z[:, 1:].argmax(1) == 0).all()  # class 1 has the highest wrong logit
     exact, _ = exact_distances(model, x, y, Norm.l2)
-    torch.testing.assert_close(exact, torch.full((4,), 0.1, dtype=torch.float64))
+    torch.testing.assert_close(exact.cpu(), torch.full((4,), 0.1, dtype=torch.float64))
 
     def distances(targets):
         return adversarial_distances(model, x, y, PGD("l2", targets=targets), "l2", 0.01, 10.0)
@@ -387,8 +433,9 @@ def conv_model(dtype=torch.float32) -> nn.Module:
 
 
 def conv_batch(model: nn.Module, b: int = 8):
+    """Images drawn on the CPU, on the model's device and dtype."""
     g = torch.Generator().manual_seed(3)
-    x = torch.rand(b, 3, 8, 8, generator=g, dtype=model[0].weight.dtype)
+    x = torch.rand(b, 3, 8, 8, generator=g, dtype=model[0].weight.dtype).to(model[0].weight)
     with torch.no_grad():
         y = model.eval()(x).argmax(1)
     model.train()
@@ -396,10 +443,12 @@ def conv_batch(model: nn.Module, b: int = 8):
     return x, y
 
 
-def assert_model_left_as_found(attack: Callable[[nn.Module, torch.Tensor, torch.Tensor], object]):
+def assert_model_left_as_found(attack: Callable[[nn.Module, torch.Tensor, torch.Tensor], object],
+                               device: torch.device | str = "cpu"):
     """``attack(model, x, y)`` on a conv model in mixed modes, with a frozen weight and
-    gradients set, leaves modes, ``requires_grad``, gradients and state as they were."""
-    model = conv_model()
+    gradients set, leaves modes, ``requires_grad``, gradients and state as they were
+    (compared bit for bit: nothing is recomputed, only put back)."""
+    model = conv_model().to(device)
     x, y = conv_batch(model)
     model.train()
     model[4].eval()  # mixed modes, each restored as it was
@@ -419,17 +468,21 @@ def assert_model_left_as_found(attack: Callable[[nn.Module, torch.Tensor, torch.
         assert torch.equal(v, state[k]), k
 
 
-def test_model_state_is_untouched():
+def test_model_state_is_untouched(device):
     def attack(model, x, y):
         pgd = PGD("linf", steps=3, targets=2)
-        pgd(model, x, y, torch.full((len(x),), 0.05))
+        pgd(model, x, y, torch.full((len(x),), 0.05, device=device))
         adversarial_distances(model, x, y, pgd, "linf", 0.01, 0.2)
 
-    assert_model_left_as_found(attack)
+    assert_model_left_as_found(attack, device)
 
 
-def test_channels_last_gives_the_same_distances():
-    model = conv_model(torch.float64)  # float64: rounding cannot flip a decision
+@pytest.mark.numerics
+def test_channels_last_gives_the_same_distances(device):
+    """The layouts run other convolution kernels. Float64: their logits differ by ~1e-16,
+    and a decision flips only for an iterate that close to a boundary; rtol 1e-4 is far
+    above that rounding and far below a flip's effect (a bracket, 2%)."""
+    model = conv_model(torch.float64).to(device)
     x, y = conv_batch(model)
     model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -441,9 +494,15 @@ def test_channels_last_gives_the_same_distances():
         torch.testing.assert_close(d_cl, d, rtol=1e-4, atol=0.0)
 
 
-def test_works_under_inference_mode():
-    """Lightning validates and tests under torch.inference_mode: the attack still runs."""
-    model = conv_model()
+@pytest.mark.numerics
+def test_works_under_inference_mode(device, monkeypatch):
+    """Lightning validates and tests under torch.inference_mode: the attack still runs, with
+    the same shapes, kernels and threads, so the same distances (float32 tolerance). On
+    CUDA cuDNN's deterministic algorithms: its default input-gradient ones may sum with
+    atomics, and the same code twice would then round differently."""
+    if device.type == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    model = conv_model().to(device)
     x, y = conv_batch(model)
     attack = PGD("l2", steps=3, targets=1)
     expected = adversarial_distances(model, x, y, attack, "l2", 0.05, 10.0)

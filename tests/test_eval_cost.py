@@ -2,6 +2,8 @@
 against lipexp 0.3's protocol (attacks=[l2_pgd_full,linf_pgd_full]) on a small trained
 model, the per-image ensemble, progress and the logged cost."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -22,16 +24,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SIZES = {Norm.l2: [0.0, 0.5], Norm.linf: [8 / 255]}
 
 
-def test_counting_counts_images_through_forward_and_backward():
-    model, cost = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), Cost()
+def test_counting_counts_images_through_forward_and_backward(device):
+    model, cost = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).to(device), Cost()
     with counting(model, cost):
         with torch.no_grad():
-            model(torch.rand(5, 1, 2, 2))  # forward only
-        x = torch.rand(7, 1, 2, 2, requires_grad=True)
+            model(torch.rand(5, 1, 2, 2, device=device))  # forward only
+        x = torch.rand(7, 1, 2, 2, device=device, requires_grad=True)
         torch.autograd.grad(model(x).sum(), x)  # forward and backward
-        model(torch.rand(2, 1, 2, 2)).sum().backward()  # backward into the parameters
+        model(torch.rand(2, 1, 2, 2, device=device)).sum().backward()  # into the parameters
     assert (cost.forward, cost.backward) == (14, 9) and cost.seconds > 0
-    model(torch.rand(3, 1, 2, 2))  # the hooks are gone
+    model(torch.rand(3, 1, 2, 2, device=device))  # the hooks are gone
     assert cost.forward == 14
     assert cost.per_image(7)["forward_per_image"] == 2.0
 
@@ -56,10 +58,26 @@ def digits_cnn():
     return model, x[1500:1650], y[1500:1650]
 
 
+FINE_RTOL = 0.002  # the default searches rerun with a 10x narrower bracket
+
+
+@pytest.mark.numerics
 def test_default_search_costs_a_quarter_with_the_same_medians(digits_cnn, make_cfg):
     """The configs as run.py composes them: l2_pgd / linf_pgd at <= 250 forward passes per
     image (counted by the hook), their medians within 1% of the _full protocol's, which
-    costs about 4x as much."""
+    costs about 4x as much.
+
+    A median is that of the tops of the images' brackets: each distance lies between the
+    smallest size at which its attack succeeds, s, and (1 + rtol) s, and where it lands in
+    that 2% depends on the sizes tried, so on any one decision's rounding (the digits model
+    itself is trained with the kernels' rounding: its weights differ by ~3e-7 relative from
+    one kernel set or thread count to another). Two medians at rtol 2% could differ by up
+    to 2% with equally strong attacks, so 1% would hang on rounding. Hence the default
+    searches are rerun at FINE_RTOL = 0.2%, and median(fine) <= 1.01 median(full) holds
+    whenever the default attack is at most ~0.8% weaker than the full one at the median
+    (median(fine) <= 1.002 s_new, s_full <= median(full)): measured +0.35% (l2) and -0.16%
+    (linf) at a 0.2% bracket; and it fails whenever it is more than ~3% weaker
+    (median(full) <= 1.02 s_full), as without the targeted runs (+3.0 to 3.5%)."""
     model, x, y = digits_cnn
     cfg = make_cfg("attacks=[l2_pgd,linf_pgd,l2_pgd_full,linf_pgd_full]")
     attacks = instantiate(cfg.attacks, _convert_="partial")
@@ -68,14 +86,19 @@ def test_default_search_costs_a_quarter_with_the_same_medians(digits_cnn, make_c
     assert ev.results["evaluation"]["clean_error"] < 0.2
     for norm in ("l2", "linf"):
         new, full = f"{norm}_pgd", f"{norm}_pgd_full"
+        fine = median_distance(
+            dataclasses.replace(attacks[new], rtol=FINE_RTOL).distances(model, x, y))
         print(norm, {k: round(cost[k]["forward_per_image"]) for k in (new, full)},
-              {k: found[k]["median"] for k in (new, full)})
+              {k: found[k]["median"] for k in (new, full)}, fine)
         assert cost[new]["forward_per_image"] <= 250
         assert cost[full]["forward_per_image"] >= 3 * cost[new]["forward_per_image"]
         assert cost[new]["backward_per_image"] < cost[new]["forward_per_image"]
-        assert 0 < found[new]["median"] <= 1.01 * found[full]["median"] < np.inf
+        assert attacks[new].rtol == attacks[full].rtol == 0.02  # the brackets argued above
+        assert 0 < found[new]["median"] < np.inf
+        assert 0 < fine <= 1.01 * found[full]["median"] < np.inf
 
 
+@pytest.mark.numerics
 def test_ensemble_is_the_per_image_minimum_and_its_curve_is_the_lowest(digits_cnn):
     model, x, y = digits_cnn
     attacks = {"l2_pgd": PGDSearch("l2", steps=5),

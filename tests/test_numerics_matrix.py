@@ -21,6 +21,7 @@ def test_each_kernel_set_the_cpu_offers_runs_with_one_and_two_threads():
     # MKL and oneDNN capped at AVX2 where the CPU has more, and at their oldest paths
     assert {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"} in kernels
     assert {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"} in kernels
+    assert {"MKL_CBWR": "COMPATIBLE"} in kernels
 
 
 def test_kernel_sets_the_cpu_lacks_are_not_asked_for():
