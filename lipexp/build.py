@@ -69,24 +69,26 @@ def build_evaluator(cfg: DictConfig) -> Evaluator:
     return instantiate(cfg.eval, attacks=cfg.attacks, _convert_="partial")
 
 
-def check_slurm_tasks(devices: object, num_nodes: object) -> None:
-    """Under ``srun`` each SLURM task is one rank: Lightning's SLURM environment takes the
-    ranks from ``SLURM_PROCID``/``SLURM_NTASKS`` and, unlike its own launcher, never checks
-    them against ``trainer.devices x trainer.num_nodes``; a mismatch waits at the rendezvous
-    for ranks that never come, or trains a world of the wrong size. So it is refused here
-    (README, "SLURM, one run"). Settings Lightning resolves itself (``auto``, ``-1``, a list
-    of GPUs) are left to it."""
+def check_slurm_tasks(strategy: object, devices: object, num_nodes: object) -> None:
+    """DDP in a SLURM job: each SLURM task is one rank. Lightning's SLURM environment takes
+    the ranks from ``SLURM_PROCID``/``SLURM_NTASKS`` and starts no process itself, and unlike
+    its own launcher it never checks them against ``trainer.devices x trainer.num_nodes``; a
+    mismatch (or ``python run.py trainer=ddp`` in the batch script without ``srun``) waits at
+    the rendezvous for ranks that never come, or trains a world of the wrong size. So it is
+    refused here (README, "SLURM, one run"). Single-device strategies do not form a world
+    and are left alone, as are device counts Lightning resolves itself (``auto``, ``-1``, a
+    list of GPUs)."""
     from pytorch_lightning.plugins.environments import SLURMEnvironment
 
     ntasks = os.environ.get("SLURM_NTASKS")
-    if not ntasks or not SLURMEnvironment.detect():
-        return  # not an srun task (sbatch's batch shell itself, a login node, interactive)
+    if "ddp" not in str(strategy).lower() or not ntasks or not SLURMEnvironment.detect():
+        return  # no world to form, or not in a SLURM job (a login node, an interactive shell)
     if isinstance(devices, int) and devices > 0 and isinstance(num_nodes, int):
         require(devices * num_nodes == int(ntasks),
                 f"trainer.devices={devices} x trainer.num_nodes={num_nodes} = "
-                f"{devices * num_nodes} ranks, but srun started SLURM_NTASKS={ntasks} tasks: "
-                "one task per GPU, so set trainer.devices=$SLURM_NTASKS_PER_NODE "
-                "trainer.num_nodes=$SLURM_NNODES (or --ntasks-per-node to the GPUs per node)")
+                f"{devices * num_nodes} ranks, but the SLURM job has SLURM_NTASKS={ntasks} tasks: "
+                "one task per GPU, started by srun: srun python run.py ... "
+                "trainer.devices=$SLURM_NTASKS_PER_NODE trainer.num_nodes=$SLURM_NNODES")
 
 
 def build_trainer(cfg: DictConfig, module: RobustClassifier,
@@ -121,7 +123,8 @@ def build_trainer(cfg: DictConfig, module: RobustClassifier,
         raise ValueError("trainer.strategy=deepspeed cannot be combined with lip.method=fd: "
                          "DeepSpeed runs its own backward pass, which TF32 would enter "
                          "(fd's backward needs full float32: docs/method.md)")
-    check_slurm_tasks(cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1))
+    check_slurm_tasks(cfg.trainer.get("strategy"), cfg.trainer.get("devices"),
+                      cfg.trainer.get("num_nodes", 1))
     unlimited = cfg.trainer.get("max_epochs") in (None, -1)  # Lightning: -1 = no limit
     require(not unlimited or (cfg.trainer.get("max_steps") or -1) > 0
             or cfg.trainer.get("max_time") is not None,

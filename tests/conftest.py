@@ -62,9 +62,10 @@ def device(request):
 def one_thread():
     """One torch thread during the test: tiny models run faster without thread overhead, and
     results do not depend on the machine's core count. Use with
-    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``. ``LIPEXP_TEST_THREADS=N`` makes
+    it N threads (``make test-numerics`` runs the numerics tests with 1 and 2)."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("LIPEXP_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(n)
 

@@ -70,7 +70,11 @@ def srun(folder, *extra: str, **env: str) -> list[tuple[int, str]]:
                                   env=slurm_task(rank, base), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT)
                  for rank in range(2)]
-        outputs = [task.communicate(timeout=300)[0] for task in tasks]
+        try:
+            outputs = [task.communicate(timeout=300)[0] for task in tasks]
+        finally:
+            for task in tasks:  # no rank left spinning after a timeout or an error
+                task.kill()
         assert meeting.used()
     return [(task.returncode, output) for task, output in zip(tasks, outputs)]
 
@@ -188,15 +192,19 @@ def test_ranks_that_srun_did_not_start_are_refused_before_training(in_srun_task,
     from lipexp.build import build_module, build_trainer, check_slurm_tasks
 
     cfg = make_cfg("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=4", "logger=none")
-    with pytest.raises(ValueError, match=r"= 4 ranks, but srun started SLURM_NTASKS=2"):
+    with pytest.raises(ValueError, match=r"= 4 ranks, but the SLURM job has SLURM_NTASKS=2"):
         build_trainer(cfg, build_module(cfg), [])
+    ddp = cfg.trainer.strategy
     with pytest.raises(ValueError, match="SLURM_NTASKS=2"):
-        check_slurm_tasks(1, 1)  # one rank asked, two tasks started
+        check_slurm_tasks(ddp, 1, 1)  # one rank asked, two tasks started
     with pytest.raises(ValueError, match="SLURM_NTASKS=2"):
-        check_slurm_tasks(2, 2)  # 2 nodes asked, 1 given
-    check_slurm_tasks(2, 1)  # what srun started
-    check_slurm_tasks("auto", 1)  # Lightning resolves it
+        check_slurm_tasks("ddp", 2, 2)  # 2 nodes asked, 1 given
+    check_slurm_tasks(ddp, 2, 1)  # what srun started
+    check_slurm_tasks(ddp, "auto", 1)  # Lightning resolves it
+    check_slurm_tasks("auto", 1, 1)  # one device: no world (e.g. joblib jobs in an allocation)
+    one_device = make_cfg("trainer=cpu", "logger=none")
+    build_trainer(one_device, build_module(one_device), [])  # not refused
     in_srun_task.setenv("SLURM_JOB_NAME", "interactive")  # Lightning: not a SLURM launch
-    check_slurm_tasks(4, 1)
-    in_srun_task.delenv("SLURM_NTASKS")  # sbatch's own shell, a login node
-    check_slurm_tasks(4, 1)
+    check_slurm_tasks(ddp, 4, 1)
+    in_srun_task.delenv("SLURM_NTASKS")  # not in a SLURM job step with tasks
+    check_slurm_tasks(ddp, 4, 1)

@@ -96,12 +96,16 @@ def test_the_package_has_no_import_cycle():
     assert found is None, "import cycle: " + " -> ".join(found)
 
 
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    """The imports of ``graph`` that go up the layers, as readable lines."""
+    return [f"{a} (layer {layer(a)}) imports {b} (layer {layer(b)})"
+            for a, targets in sorted(graph.items()) for b in sorted(targets)
+            if layer(b) > layer(a)]
+
+
 def test_imports_only_go_down_the_layers():
-    graph = imports()
-    upward = [f"{a} (layer {layer(a)}) imports {b} (layer {layer(b)})"
-              for a, targets in sorted(graph.items()) for b in sorted(targets)
-              if layer(b) > layer(a)]
-    assert not upward, "\n".join(upward)
+    found = upward(imports())
+    assert not found, "\n".join(found)
 
 
 def test_the_checks_catch_a_cycle_and_an_upward_import():
@@ -110,6 +114,10 @@ def test_the_checks_catch_a_cycle_and_an_upward_import():
     assert cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     assert layer("lipexp.cli") > layer("lipexp.defences.lipschitz") > layer("lipexp.errors")
     assert layer("lipexp.evaluation.runner") == layer("lipexp.evaluation")
+    assert upward({"lipexp.defences.lipschitz": {"lipexp.cli"}}) == [
+        f"lipexp.defences.lipschitz (layer {layer('lipexp.defences')}) imports lipexp.cli "
+        f"(layer {layer('lipexp.cli')})"]
+    assert upward({"lipexp.cli": {"lipexp.defences.lipschitz", "lipexp.errors"}}) == []
     # the graph reader finds both kinds of import, lazy ones included
     graph = imports()
     assert "lipexp.defences.finite_difference" in graph["lipexp.defences.lipschitz"]

@@ -2,20 +2,21 @@
 
 from .numerics_matrix import configurations
 
+THREADS = ("OMP_NUM_THREADS", "LIPEXP_TEST_THREADS")
 AVX512 = {"sse4_2", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq"}
 
 
 def _kernels(configs):
-    return [{k: v for k, v in c.items() if k != "OMP_NUM_THREADS"} for c in configs]
+    return [{k: v for k, v in c.items() if k not in THREADS} for c in configs]
 
 
 def test_each_kernel_set_the_cpu_offers_runs_with_one_and_two_threads():
     configs = configurations(AVX512)
     kernels = _kernels(configs)
     for kernel in kernels:
-        threads = {c["OMP_NUM_THREADS"] for c in configs
-                   if {k: v for k, v in c.items() if k != "OMP_NUM_THREADS"} == kernel}
-        assert threads == {"1", "2"}
+        threads = {(c["OMP_NUM_THREADS"], c["LIPEXP_TEST_THREADS"]) for c in configs
+                   if {k: v for k, v in c.items() if k not in THREADS} == kernel}
+        assert threads == {("1", "1"), ("2", "2")}  # the one_thread fixture's tests too
     capabilities = {k.get("ATEN_CPU_CAPABILITY") for k in kernels} - {None}
     assert capabilities == {"default", "avx2", "avx512"}
     # MKL and oneDNN capped at AVX2 where the CPU has more, and at their oldest paths
