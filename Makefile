@@ -20,8 +20,11 @@ install: $(STAMP)
 run: install
 	$(PY) run.py $(ARGS)
 
+# Two pytest-xdist workers, one test file each at a time (module fixtures computed once): most
+# tests run one thread or wait on subprocesses, so two cores take ~15% less time than one
+# serial run (10.5 -> 8.8 min on a 2-core EPYC). Plain `pytest` runs serially.
 test: install
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
 
 test-slow: install
 	$(PY) -m pytest -m slow $(ARGS)
