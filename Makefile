@@ -48,12 +48,14 @@ clean:
 # dependencies that the GPU image (python 3.12 with torch, torchvision, Lightning,
 # torchmetrics, numpy, matplotlib, scikit-learn, tensorboard, pytest) lacks, at .venv's
 # versions, and lipexp's own wheel (its metadata: the version; the code runs from the tree).
+# Carried too: cloudpickle (submitit's dependency, pure Python), and pytest-xdist with execnet
+# (pure Python) so that the check's CUDA tests run in 8 processes (serially without them).
 # Never committed (.gitignore); at most 60 MiB. wandb is binary and big: not carried (lipexp
 # imports it for logger=wandb only; the check runs without it). lipexp is built from a copy:
 # setuptools would leave build/ in the tree.
 WHEELHOUSE := wheelhouse
-WHEELHOUSE_WHEELS := hydra-core omegaconf torchattacks submitit hydra-submitit-launcher \
-	hydra-joblib-launcher
+WHEELHOUSE_WHEELS := hydra-core omegaconf torchattacks submitit cloudpickle \
+	hydra-submitit-launcher hydra-joblib-launcher pytest-xdist execnet
 WHEELHOUSE_SDISTS := antlr4-python3-runtime  # OmegaConf's parser: an sdist only, built here
 pins = $(shell $(PY) -c 'import sys; from importlib.metadata import version as v; \
 	print(" ".join(f"{n}=={v(n)}" for n in sys.argv[1:]))' $(1))
@@ -74,7 +76,8 @@ wheelhouse: install
 		test $$bytes -le $$((60 * 1024 * 1024)) || { echo "wheelhouse: over 60 MiB"; exit 1; }
 
 # On the GPU machine (no network; wheelhouse/ carried there): installs the wheelhouse where
-# lipexp's dependencies are missing, then runs every part (6 min on one H100);
+# lipexp's dependencies are missing, then runs every part (budgeted at 6 min on one H100:
+# estimates, not yet measured);
 # ARGS="--only step,eval" reruns parts, ARGS="--device cpu --quick" is the dry run.
 gpu-check:
 	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash benchmarks/gpu_check.sh $(ARGS)

@@ -121,27 +121,42 @@ def test_fd_accuracy_benchmark_tiny_run_writes_its_json(make_cfg, tmp_path, one_
     assert ratios["fd_attack"]["batch_max"]["max"] < 1.1, ratios["fd_attack"]
 
 
-def test_gpu_check_cpu_dry_run_runs_every_part(tmp_path, one_thread):
-    """benchmarks/gpu_check.py --device cpu --quick (tiny sizes): every part runs and writes
-    its fragment, and the merged JSON and Markdown carry the machine, the versions and every
-    goal with a verdict (timings and verdicts are not asserted: a CPU is no H100); --only
-    reruns one part and keeps the others'."""
+def load_gpu_check():
     spec = importlib.util.spec_from_file_location("gpu_check",
                                                   REPO / "benchmarks" / "gpu_check.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_gpu_check_cpu_dry_run_runs_every_part(tmp_path, one_thread):
+    """benchmarks/gpu_check.py --device cpu --quick (tiny sizes): every part runs and writes
+    its fragment, and the merged JSON and Markdown carry the machine, the versions and every
+    goal with a verdict (timings and verdicts are not asserted: a CPU is no H100); --only
+    reruns one part (an error sentinel in its fragment comes back ok), leaves the others'
+    fragments byte for byte, reports an earlier run's error as stale (exit status 0) and
+    drops a fragment of other sources."""
+    bench = load_gpu_check()
     report = bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
+    saved = json.loads((tmp_path / "gpu_check_cpu_quick.json").read_text())
     assert saved == json.loads(json.dumps(report))
-    assert {"machine", "versions", "device", "quick", "date", "parts", "goals"} <= saved.keys()
-    assert {"torch", "pytorch_lightning", "python", "lipexp", "lipexp_commit",
-            "cuda"} <= saved["versions"].keys()
+    assert {"machine", "versions", "device", "quick", "date", "parts", "goals", "budgets",
+            "exit_status", "errors_this_run", "stale_errors",
+            "dropped_fragments"} <= saved.keys()
+    assert {"torch", "pytorch_lightning", "python", "lipexp", "lipexp_commit", "cuda",
+            "tf32"} <= saved["versions"].keys()
+    assert set(saved["versions"]["tf32"]) == {"cuda_matmul_allow_tf32", "cudnn_allow_tf32",
+                                              "float32_matmul_precision"}
     assert saved["quick"] and saved["device"] == "cpu"
+    assert (saved["exit_status"], saved["errors_this_run"], saved["stale_errors"],
+            saved["dropped_fragments"]) == (0, [], [], [])
     assert list(saved["parts"]) == list(bench.PARTS)
+    parts_dir = tmp_path / "gpu_check_cpu_quick_parts"
     for name, part in saved["parts"].items():
         assert part["status"] == "ok", (name, part.get("error"))
-        assert part["seconds"] > 0 and part["budget_s"] == bench.PARTS[name]
-        assert (tmp_path / "gpu_check_cpu_parts" / f"{name}.json").exists()
+        assert part["seconds"] > 0 and part["budget_s"] == saved["budgets"][name]
+        assert (parts_dir / f"{name}.json").exists()
+    assert saved["budgets"] == bench.budgets(bench.xdist_available())
     assert [g["id"] for g in saved["goals"]] == [g.id for g in bench.GOALS]
     for g in saved["goals"]:
         assert g["verdict"] in ("pass", "fail", "not-run") and g["goal"] and g["detail"]
@@ -149,18 +164,79 @@ def test_gpu_check_cpu_dry_run_runs_every_part(tmp_path, one_thread):
     assert saved["goals"][0]["verdict"] == "not-run"  # CUDA tests: collected, not run here
     parts = saved["parts"]
     assert isinstance(parts["tests"]["collected"], int)
+    assert parts["tests"]["markers"] == "gpu and not slow"
     assert {r["defence"] for r in parts["step"]["rows"]} == {"j0", "j2-lip2-fd"}
+    assert all(r["precision_label"] == "fp32" for r in parts["step"]["rows"])
     assert len(parts["step"]["versus"]) == 1 and parts["compile"]["dynamo_disabled"]
+    assert [r["kind"] for r in parts["step"]["fd_over_j0"]] == ["paired, hand-written"]
+    assert [r["kind"] for r in parts["compile"]["fd_over_j0"]] == ["unpaired, lipexp's medians"]
     assert all(r["compile"] for r in parts["compile"]["rows"])
     assert parts["epoch"]["steps"] == 4 and len(parts["epoch"]["pairs"]) == 1
     assert [a["attack"] for a in parts["eval"]["attacks"]] == ["l2_pgd", "linf_pgd"]
     rounds = parts["concurrent"]["rounds"]
     assert [r["processes"] for r in rounds] == [1, 2]
     assert all(len(r["per_process_images_per_s"]) == r["processes"] for r in rounds)
-    markdown = (tmp_path / "gpu_check_cpu.md").read_text()
+    markdown = (tmp_path / "gpu_check_cpu_quick.md").read_text()
     assert "Dry run" in markdown and all(g.text in markdown for g in bench.GOALS)
+
+    # --only epoch: sentinels first. epoch's fragment says error (the rerun must replace
+    # it); eval's says error (an earlier run's: stale, not in the exit status); concurrent's
+    # comes from other sources (dropped); step's must stay byte for byte.
+    def rewrite(name, **changes):
+        path = parts_dir / f"{name}.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+    rewrite("epoch", status="error", error_line="sentinel")
+    rewrite("eval", status="error", error_line="sentinel")
+    rewrite("concurrent", source_sha256="0" * 16)
+    step_bytes = (parts_dir / "step.json").read_bytes()
     again = bench.main(["--device", "cpu", "--quick", "--only", "epoch", "--out",
                         str(tmp_path)])
-    assert [p["status"] for p in again["parts"].values()] == ["ok"] * len(bench.PARTS)
+    statuses = {name: p["status"] for name, p in again["parts"].items()}
+    assert statuses == {"tests": "ok", "step": "ok", "compile": "ok", "epoch": "ok",
+                        "eval": "error", "concurrent": "not-run"}
+    assert (parts_dir / "step.json").read_bytes() == step_bytes
     assert again["parts"]["step"] == parts["step"]
-    assert again["parts"]["epoch"]["date"] >= parts["epoch"]["date"]
+    assert again["parts"]["epoch"]["pairs"] and "error_line" not in again["parts"]["epoch"]
+    assert (again["errors_this_run"], again["stale_errors"], again["exit_status"]) == (
+        [], ["eval"], 0)
+    assert [d["part"] for d in again["dropped_fragments"]] == ["concurrent"]
+    assert json.loads((tmp_path / "gpu_check_cpu_quick.json").read_text())["stale_errors"] \
+        == ["eval"]
+
+
+def test_gpu_check_exit_status_and_markdown_without_numbers(tmp_path):
+    """The exit status: 1 for failing CUDA tests (a measurement part's failed goal leaves it
+    0) and for an error in a part run now, not for an earlier run's; a report whose numbers
+    are None or NaN still renders (n/a)."""
+    bench = load_gpu_check()
+    head = {"device": "cpu", "quick": True, "date": "2026-01-01T00:00:00Z", "command": [],
+            "machine": {"cpu": "test cpu"}, "versions": {"source_sha256": "abc"},
+            "budgets": bench.PARTS}
+
+    def write(name, **fields):
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"status": "ok", "quick": True, "source_sha256": "abc", "seconds": 1.0} | fields))
+
+    write("tests", goals={"tests": {"value": 2, "detail": "2 failed", "verdict": "fail"}})
+    write("eval", goals={"eval.seconds": {"value": 99.0, "detail": "slow"}})
+    assert bench.merge(tmp_path, head)["exit_status"] == 1
+    write("tests", goals={"tests": {"value": 0, "detail": "ok", "verdict": "pass"}})
+    report = bench.merge(tmp_path, head)
+    assert report["exit_status"] == 0  # eval's goal failed: a measurement
+    assert [g["verdict"] for g in report["goals"] if g["id"] == "eval.seconds"] == ["fail"]
+    write("epoch", status="error", error_line="boom")
+    assert bench.merge(tmp_path, head)["exit_status"] == 0  # stale: not this run's
+    assert bench.merge(tmp_path, head, {"epoch": "error"})["exit_status"] == 1
+    nan = float("nan")
+    write("step", rows=[{"model": "m", "batch_size": 8, "precision": "32", "defence": "j0",
+                         "hand_ms": None, "lipexp_ms": nan, "ratio_median": None}],
+          fd_over_j0=[{"model": "m", "batch_size": 8, "precision": "32", "ratio": None,
+                       "kind": "unpaired"}], seconds=None,
+          goals={"step.lipexp_vs_hand": {"value": None, "detail": None}})
+    write("eval", bf16=False, seconds=nan, setup_s=None, attacks=[{"attack": "l2_pgd"}])
+    report = bench.merge(tmp_path, head)
+    text = bench.markdown(report)
+    assert "n/a" in text and "| m | 8 | fp32 | j0 | n/a | n/a | n/a |" in text
+    write("step", quick=False)
+    assert [d["part"] for d in bench.merge(tmp_path, head)["dropped_fragments"]] == ["step"]
