@@ -7,20 +7,20 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lipexp.cli import is_eval, run_py_eval
-from lipexp.config import Mode, register, unknown_choices
-from lipexp.ddp_launch import child_argv
-from lipexp.deprecations import chosen_options, notices, rename_keys
-from lipexp.overrides import quote_ckpt_path
+from lipexp.config.compat import old_name_errors
+from lipexp.config.overrides import quote_ckpt_path
+from lipexp.config.schema import Mode, register, unknown_choices
+from lipexp.runs.ddp_launch import child_argv
 
 register()
 if (argv := child_argv()) is not None:
-    # A DDP child started by Lightning: run the parent's job (lipexp.ddp_launch.job_scope).
+    # A DDP child started by Lightning: run the parent's job (lipexp.runs.ddp_launch.job_scope).
     sys.argv = [sys.argv[0], *argv]
-sys.argv[1:], KEY_NOTICES = rename_keys(sys.argv[1:])  # lip.norm=1 -> lip.dual_norm=1
+if __name__ == "__main__" and (old_names := old_name_errors(sys.argv[1:])):
+    sys.exit("\n".join(old_names))  # adv=l2, lip.norm=1, +defence=...: one line each
 # ckpt_path=outputs/adv=l2,head=tanh/checkpoints/last.ckpt: a path as a Hydra quoted string
 sys.argv[1:] = quote_ckpt_path(sys.argv[1:])
 if __name__ == "__main__" and is_eval(sys.argv[1:]):
@@ -33,13 +33,9 @@ if __name__ == "__main__" and (unknown := unknown_choices(
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    hydra_cfg = HydraConfig.get()
-    said = notices(chosen_options(hydra_cfg.runtime.choices, hydra_cfg.overrides.task))
-    for notice in [*KEY_NOTICES, *said]:  # stderr, not the log: the folder is not ours yet
-        print(f"warning: {notice}", file=sys.stderr)
     # imported here: the heavy modules load only after Hydra has parsed the command line
-    from lipexp.reevaluate import evaluate_checkpoint
-    from lipexp.train import run
+    from lipexp.runs.reevaluate import evaluate_checkpoint
+    from lipexp.runs.train import run
 
     results = {Mode.train: run, Mode.eval: evaluate_checkpoint}[Mode(cfg.mode)](cfg)
     if "clean" in results:  # training: the whole test split's clean error

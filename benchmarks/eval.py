@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lipexp.files import write_json_atomic  # noqa: E402
-from lipexp.provenance import machine  # noqa: E402
+from lipexp.runs.provenance import machine  # noqa: E402
 
 MODELS = {"small_cnn": ("mnist", (1, 28, 28)), "resnet34": ("cifar10", (3, 32, 32))}
 PROTOCOLS = {"default": ["l2_pgd", "linf_pgd"], "full": ["l2_pgd_full", "linf_pgd_full"],
@@ -42,7 +42,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from lipexp.config import register
+    from lipexp.config.schema import register
 
     register()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -61,7 +61,7 @@ def random_problem(model: str, n: int, device: torch.device, seed: int = 0):
     labelled by it. A random deep network maps every such image to one class, far from any
     boundary, so it is centred on the images: its batch-norm statistics are theirs (one
     pass in train mode), and the last layer's bias subtracts their mean logits."""
-    from lipexp.build import build_module
+    from lipexp.runs.build import build_module
 
     data, shape = MODELS[model]
     cfg = compose([f"data={data}", f"model={model}", "adv=j0", "lip=none", "head=linear",
@@ -90,8 +90,8 @@ def trained_problem(path: str, n: int, device: torch.device):
     """A trained run's network and its first ``n`` test images."""
     from omegaconf import OmegaConf
 
-    from lipexp.build import build_datamodule, build_module
-    from lipexp.checkpoint import load_run_checkpoint, load_weights
+    from lipexp.runs.build import build_datamodule, build_module
+    from lipexp.runs.checkpoint import load_run_checkpoint, load_weights
 
     checkpoint = load_run_checkpoint(path)
     cfg = OmegaConf.create(checkpoint.config)

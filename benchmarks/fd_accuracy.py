@@ -36,18 +36,15 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lipexp.build import build_datamodule, build_module  # noqa: E402
-from lipexp.checkpoint import load_run_checkpoint  # noqa: E402
 from lipexp.data.datamodule import to_unit  # noqa: E402
 from lipexp.defences.adversarial import STEPS, input_gradient  # noqa: E402
+from lipexp.defences.batch_stats import with_batch_statistics  # noqa: E402
 from lipexp.defences.compose import adversarial_fd_objective  # noqa: E402
-from lipexp.defences.finite_difference import (  # noqa: E402
-    fd_grad_norms,
-    unit_direction,
-    with_batch_statistics,
-)
-from lipexp.defences.lipschitz import exact_grad_norms  # noqa: E402
-from lipexp.provenance import machine  # noqa: E402
+from lipexp.defences.fd import fd_grad_norms, unit_direction  # noqa: E402
+from lipexp.defences.penalty import exact_grad_norms  # noqa: E402
+from lipexp.runs.build import build_datamodule, build_module  # noqa: E402
+from lipexp.runs.checkpoint import load_run_checkpoint  # noqa: E402
+from lipexp.runs.provenance import machine  # noqa: E402
 
 
 def summary(values: list[float]) -> dict:

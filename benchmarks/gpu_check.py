@@ -278,7 +278,7 @@ def _driver() -> str | None:
 
 
 def machine_info(device: str) -> dict:
-    from lipexp.provenance import machine
+    from lipexp.runs.provenance import machine
 
     info = {"cpu": machine("cpu"), "cores": os.cpu_count(), "platform": platform.platform()}
     if device == "cuda":
@@ -295,7 +295,7 @@ def versions() -> dict:
     import pytorch_lightning as pl
     import torchattacks
 
-    from lipexp.provenance import provenance
+    from lipexp.runs.provenance import provenance
 
     prov = provenance()
     # the code's content, for a copy of the tree without its git history (commit null)
@@ -538,9 +538,9 @@ class Batches:
 def part_epoch(ctx) -> dict:
     from hydra.utils import instantiate
 
-    from lipexp.build import build_module
     from lipexp.data.datamodule import to_unit
     from lipexp.data.sources import ImageArrays
+    from lipexp.runs.build import build_module
 
     step, s = bench("step"), ctx.s
     pl = step._pl()
@@ -631,8 +631,8 @@ def _concurrent_worker(spec: dict, barrier, queue) -> None:
     try:
         from torch.utils.data import DataLoader, RandomSampler
 
-        from lipexp.build import build_module
         from lipexp.data.datamodule import InMemoryImages, keep_batch, to_unit
+        from lipexp.runs.build import build_module
 
         torch.set_num_threads(spec["threads"])
         step = bench("step")

@@ -51,8 +51,10 @@ sys.path.insert(0, str(REPO))
 
 # bookkeeping shared with lipexp, not the step's math: full float32 (autocast and TF32 off),
 # batch norm's running statistics kept, the length of a clipped step
-import lipexp.defences.finite_difference as fd  # noqa: E402
-from lipexp.provenance import machine  # noqa: E402
+import lipexp.defences.batch_stats as batch_stats  # noqa: E402
+import lipexp.defences.fd as fd  # noqa: E402
+import lipexp.precision as precision  # noqa: E402
+from lipexp.runs.provenance import machine  # noqa: E402
 
 MODELS = {  # name -> (conf/model choice, extra overrides, image shape (C, H, W))
     "small_cnn": ("small_cnn", [], (1, 28, 28)),
@@ -129,8 +131,8 @@ def hand_fd(net: nn.Module, x: Tensor, y: Tensor, p: int, h: float,
     uncompiled network, as lipexp's (fd_grad_norms: swapping batch norm's forward would
     recompile it at every step); only the attack's gradient (hand_step) is compiled."""
     net = getattr(net, "_orig_mod", net)  # torch.compile's wrapper -> the network itself
-    stats = fd.BatchStatistics(net)
-    with fd.float32(x):
+    stats = batch_stats.BatchStatistics(net)
+    with precision.float32(x):
         with stats.record():  # batch norm's one running-statistics update of the step
             losses = F.cross_entropy(net(x.detach()).float(), y, reduction="none")
         if g is None:  # each image's own gradient: the statistics as constants
@@ -154,9 +156,9 @@ def hand_reuse_step(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Te
     train-mode gradient at x gives d, x_adv = x + eps d is the second point; float32."""
     p, lam, eps = s["lip"]["dual_norm"], s["lip"]["lam"], s["eps"]
     lam = lam / math.sqrt(x[0].numel()) if s["lip"]["lam_over_sqrt_n"] else lam
-    with fd.float32(x):
+    with precision.float32(x):
         xr = x.detach().requires_grad_(True)
-        with fd.running_stats_kept(net):  # batch norm counts the adversarial batch only
+        with batch_stats.running_stats_kept(net):  # batch norm counts the adversarial batch only
             losses = F.cross_entropy(net(xr), y, reduction="none")
             (g,) = torch.autograd.grad(losses.sum(), xr, retain_graph=True)
         x_adv = (x + eps * _direction(g, p)).clamp(0, 1)
@@ -244,7 +246,7 @@ def compose(model: str, defence: str, head: str, args) -> object:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from lipexp.config import register
+    from lipexp.config.schema import register
 
     register()
     choice, extra, shape = MODELS[model]
@@ -289,9 +291,9 @@ def run_one(model: str, defence: str, head: str, args) -> dict:
     from hydra.utils import instantiate
     from torch.utils.data import DataLoader
 
-    from lipexp.build import build_module
     from lipexp.data.datamodule import InMemoryImages, keep_batch, to_unit
     from lipexp.data.sources import ImageArrays
+    from lipexp.runs.build import build_module
 
     pl = _pl()
     pl.seed_everything(0, verbose=False)
@@ -351,7 +353,7 @@ def run_one(model: str, defence: str, head: str, args) -> dict:
 def run_versus(model: str, pairs: list[tuple[str, str]], head: str, args) -> list[dict]:
     """Interleaved hand-written steps of two defences on one network (same weights, same
     batch): the median of the paired ratios A / B, per pair."""
-    from lipexp.build import build_module
+    from lipexp.runs.build import build_module
 
     _pl().seed_everything(0, verbose=False)
     device = torch.device(args.device)

@@ -2,8 +2,9 @@
 
 ``lipexp lipschitz data [--split train|test] [overrides ...]``: the data set's Lipschitz
 constant (lipexp.lipschitz.data_constant). ``lipexp eval RUN_DIR_OR_CHECKPOINT [overrides
-...]``: a run's robustness evaluation, again (lipexp.reevaluate). Also ``python -m
-lipexp.cli report DIR``. (The quoting of overrides for Hydra's command line: lipexp.overrides.)
+...]``: a run's robustness evaluation, again (lipexp.runs.reevaluate). Also ``python -m
+lipexp.cli report DIR``. (The quoting of overrides for Hydra's command line:
+lipexp.config.overrides.)
 """
 
 import argparse
@@ -11,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from lipexp.overrides import hydra_quoted, override_key, under
+from lipexp.config.overrides import hydra_quoted, override_key, under
 
 CONF = Path(__file__).resolve().parents[1] / "conf"  # the repository's, beside run.py
 # The settings a re-evaluation takes from its own command line, with their sub-keys; the
@@ -52,7 +53,7 @@ def _lipschitz_data(args: argparse.Namespace, overrides: list[str]) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     from lipexp.data.sources import DataNotFoundError
-    from lipexp.lipschitz.data_constant import run, summary_line
+    from lipexp.lipschitz.data_constant_cli import run, summary_line
 
     try:
         record, _ = run(overrides, split=args.split, block=args.block, out=args.out,
@@ -126,7 +127,7 @@ def eval_command(target: Path, overrides: list[str]) -> dict:
     """``lipexp eval``: evaluate the run folder ``target``'s newest readable checkpoint, or the
     checkpoint file ``target``, as ``python run.py mode=eval ckpt_path=PATH [overrides]``
     does: the same config, Hydra job (output folder, logging, .hydra record) and function
-    (lipexp.reevaluate.evaluate_checkpoint); returns its results. ``overrides``: ``eval.*``,
+    (lipexp.runs.reevaluate.evaluate_checkpoint); returns its results. ``overrides``: ``eval.*``,
     ``attacks``, ``EVAL_PATHS``; paths go to Hydra as quoted strings. Everything is checked
     before Hydra makes the output folder, the settings before the checkpoint is read:
     ValueError, Hydra's and OmegaConf's errors, FileNotFoundError, CheckpointError,
@@ -143,15 +144,15 @@ def eval_command(target: Path, overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from lipexp import reevaluate
-    from lipexp.checkpoint import load_run_checkpoint
-    from lipexp.config import register
-    from lipexp.deprecations import chosen_options, notices
-    from lipexp.resolvers import eval_dirname
-    from lipexp.runfolder import RunFolder
+    from lipexp.config.compat import old_name_errors
+    from lipexp.config.resolvers import eval_dirname
+    from lipexp.config.schema import register
+    from lipexp.runs import reevaluate
+    from lipexp.runs.checkpoint import load_run_checkpoint
+    from lipexp.runs.folder import RunFolder
 
-    for notice in notices(chosen_options({}, given)):  # old attack names, as run.py says
-        print(f"warning: {notice}", file=sys.stderr)
+    if old_names := old_name_errors(overrides):  # attacks=[fgsm]: refused, as by run.py
+        raise ValueError("; ".join(old_names))
     register()
     with initialize_config_dir(config_dir=str(CONF), job_name="run", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
@@ -194,7 +195,7 @@ def _final_or_newest(folder, read):
     """A completed run's final weights, ``checkpoints/last.ckpt``; else the folder's newest
     readable checkpoint (file times can mislead in a copied folder: a completed run's
     last.ckpt is the one it evaluated)."""
-    from lipexp.runfolder import read_results
+    from lipexp.runs.folder import read_results
 
     results = read_results(folder.results) or {}
     last = folder.path / "checkpoints" / "last.ckpt"
@@ -207,7 +208,7 @@ def _eval_overrides(target: Path, overrides: list[str]) -> list[str]:
     """Hydra's overrides for ``lipexp eval``: ``mode=eval``, then ``overrides``, paths quoted;
     ValueError for an override it does not take, a missing ``target`` or an attack that
     conf/attacks/ does not have."""
-    from lipexp.config import unknown_choices
+    from lipexp.config.schema import unknown_choices
     from lipexp.errors import require
 
     refused = [o for o in overrides if not under(override_key(o), (*EVALUATION, *EVAL_PATHS))]

@@ -1,6 +1,6 @@
 """Data-parallel helpers: the penalty's max must span the WHOLE minibatch across ranks
 (``gather_batch``), and the evaluation splits its batches over ranks (``gather_objects``).
-Launching DDP jobs from Hydra (torch-free, for run.py): ``lipexp.ddp_launch``.
+Launching DDP jobs from Hydra (torch-free, for run.py): ``lipexp.runs.ddp_launch``.
 """
 
 import warnings

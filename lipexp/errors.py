@@ -9,7 +9,7 @@ def require(ok: bool, message: str) -> None:
 
 
 class Stopped(BaseException):
-    """A run stopped by a signal at a step boundary, its state saved (lipexp.stopping).
+    """A run stopped by a signal at a step boundary, its state saved (lipexp.runs.stopping).
     A BaseException, like KeyboardInterrupt: no ``except Exception`` on the way swallows it.
     ``status`` is what results.json records."""
 

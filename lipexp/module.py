@@ -29,7 +29,7 @@ class RobustClassifier(pl.LightningModule):
     (the weights stay those of ``net``: checkpoints are unchanged). torch.compile cannot
     differentiate twice, so with an objective that needs double backpropagation (the
     exact penalty) it warns and trains uncompiled; the finite-difference penalty's passes
-    run on the uncompiled network (lipexp.defences.finite_difference.fd_grad_norms), only
+    run on the uncompiled network (lipexp.defences.fd.fd_grad_norms), only
     the J1/J2 step's gradient through the compiled one (except with the shared passes of
     ``lip.reuse_adv_gradient``, compiled throughout). ``full_precision_backward`` (fd):
     the backward pass runs without TensorFloat-32 on CUDA (``finite_difference.tf32_off``).
@@ -59,7 +59,7 @@ class RobustClassifier(pl.LightningModule):
         # attribute) so that state_dict and checkpoints hold the weights once, under net.
         self.__dict__["_train_net"] = self.net
         if compile:
-            from lipexp.defences.lipschitz import needs_double_backward
+            from lipexp.defences.penalty import needs_double_backward
 
             if needs_double_backward(objective):
                 warnings.warn("model.compile=true: torch.compile cannot differentiate twice, "
@@ -113,7 +113,7 @@ class RobustClassifier(pl.LightningModule):
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         if not self.full_precision_backward:
             return super().backward(loss, *args, **kwargs)
-        from lipexp.defences.finite_difference import tf32_off
+        from lipexp.precision import tf32_off
 
         with tf32_off(loss.device):
             super().backward(loss, *args, **kwargs)

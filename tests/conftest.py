@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from lipexp.config import register
+from lipexp.config.schema import register
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests never reach the network
 REPO = Path(__file__).resolve().parents[1]
@@ -71,10 +71,10 @@ def one_thread():
 
 
 def build_run(cfg):
-    """``(module, datamodule, trainer)`` of a run config as ``lipexp.train.run`` builds them,
+    """``(module, datamodule, trainer)`` of a run config as ``lipexp.runs.train.run`` builds them,
     the end-of-training evaluation callback included."""
-    from lipexp.build import build_datamodule, build_evaluator, build_module, build_trainer
     from lipexp.evaluation.callback import RobustnessEvaluation
+    from lipexp.runs.build import build_datamodule, build_evaluator, build_module, build_trainer
 
     module, datamodule = build_module(cfg), build_datamodule(cfg)
     evaluation = RobustnessEvaluation(build_evaluator(cfg), cfg.paths.output_dir)

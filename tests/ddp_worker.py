@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import lipexp.defences.lipschitz as lipschitz
+import lipexp.defences.penalty as lipschitz
 from lipexp.defences.adversarial import l2_gradient_step, no_perturbation, signed_gradient_step
 from lipexp.defences.compose import compose
 
@@ -58,7 +58,7 @@ class Step(nn.Module):
 def step_gradients(case: str, scaling: str, x, y, distributed: bool):
     perturb, kwargs = CASES[case]
     objective = partial(lipschitz.penalized_cross_entropy, lam=0.7, scaling=scaling, **kwargs)
-    perturb, objective = compose(perturb, objective)  # as lipexp.build.build_module does
+    perturb, objective = compose(perturb, objective)  # as lipexp.runs.build.build_module does
     step = Step(make_model(), perturb, objective)
     module = DistributedDataParallel(step) if distributed else step
     loss, logs = module(x, y)
@@ -91,8 +91,8 @@ def gradients_worker(rank: int, world: int, env: dict[str, str], out: str,
 def evaluation_worker(rank: int, world: int, env: dict[str, str], out: str) -> None:
     """Every rank calls evaluate() on the same images; rank 0 saves the distances. Rank 1's
     BN statistics differ: evaluate() must use rank 0's network on every rank."""
+    from lipexp.attacks.distance import PGDSearch
     from lipexp.attacks.threat import Norm
-    from lipexp.evaluation.distance_attacks import PGDSearch
     from lipexp.evaluation.evaluate import evaluate
 
     _init(rank, world, env)

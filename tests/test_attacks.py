@@ -190,7 +190,7 @@ def test_bf16_autocast_does_not_decide_the_clean_mistakes(device):
     float32 still gets its distance (not +inf, as when a bf16 "clean mistake" blocked every
     later success) and no image is called broken at a size too small to break it.
     (Which images flip depends on the bf16 kernels' rounding; that many do, not.)"""
-    from lipexp.evaluation.distance_attacks import PGDSearch
+    from lipexp.attacks.distance import PGDSearch
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
@@ -272,7 +272,7 @@ def test_the_default_search_is_exact_on_a_linear_model(norm, device):
     """PGDSearch's defaults (PGD-10, the 3 nearest targets, early stop, x1.25 steps), as
     every run's evaluation uses them: within 2% of the exact minimum for every image
     (float64: below it by rounding only, 1e-9)."""
-    from lipexp.evaluation.distance_attacks import PGDSearch
+    from lipexp.attacks.distance import PGDSearch
 
     model = linear_model(torch.float64).to(device)
     x, y = interior_batch(model)
@@ -389,7 +389,7 @@ def test_targeted_runs_find_the_closest_class(device):
     search), class 2 is the first target, so one targeted run is enough. The first-order
     start is the exact distance 0.1, where the logits tie; either way rounding decides
     there, the search ends within 1.6% (max_rel_gap)."""
-    from lipexp.evaluation.distance_attacks import PGDSearch
+    from lipexp.attacks.distance import PGDSearch
 
     model, x, y = closest_class_problem(device)
     z = model(x).detach()

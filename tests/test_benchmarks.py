@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lipexp.build import build_module
+from lipexp.runs.build import build_module
 
 from .conftest import REPO
 
@@ -240,3 +240,51 @@ def test_gpu_check_exit_status_and_markdown_without_numbers(tmp_path):
     assert "n/a" in text and "| m | 8 | fp32 | j0 | n/a | n/a | n/a |" in text
     write("step", quick=False)
     assert [d["part"] for d in bench.merge(tmp_path, head)["dropped_fragments"]] == ["step"]
+
+
+def load_tables():
+    spec = importlib.util.spec_from_file_location("bench_tables",
+                                                  REPO / "benchmarks" / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docs_benchmark_tables_are_generated_from_the_results():
+    """docs/benchmarks.md holds exactly the tables that benchmarks/tables.py makes from the
+    committed benchmarks/results/*.json (`python benchmarks/tables.py` rewrites them), and
+    every results file has its section."""
+    tables = load_tables()
+    text = tables.DOC.read_text()
+    assert tables.updated(text, tables.render()) == text, "run python benchmarks/tables.py"
+    assert tables.main(["--check"]) == 0
+    for path in tables.result_files(tables.RESULTS):
+        assert f"#### `{path.name}`" in text, path.name
+
+
+def test_docs_benchmark_tables_check_fails_on_a_stale_page(tmp_path, capsys):
+    """--check exits 1, writing nothing, when a number in a results file changed since the
+    page was made (or the page was edited by hand); without --check the page is rewritten
+    and then passes."""
+    tables = load_tables()
+    results = tmp_path / "results"
+    results.mkdir()
+    for path in tables.result_files(tables.RESULTS):
+        (results / path.name).write_text(path.read_text())
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(tables.DOC.read_text())
+    assert tables.main(["--check", "--results", str(results), "--doc", str(doc)]) == 0
+
+    step = results / "cpu_bs32_fp32.json"
+    report = json.loads(step.read_text())
+    report["results"][0]["lipexp_ms"] *= 3  # resnet34 j0: 100 ms -> 300 ms
+    step.write_text(json.dumps(report))
+    before = doc.read_text()
+    assert tables.main(["--check", "--results", str(results), "--doc", str(doc)]) == 1
+    assert doc.read_text() == before and "stale" in capsys.readouterr().err
+    assert tables.main(["--results", str(results), "--doc", str(doc)]) == 0
+    assert "| resnet34 | j0 | linear | 95 | 299 |" in doc.read_text()
+    assert tables.main(["--check", "--results", str(results), "--doc", str(doc)]) == 0
+
+    doc.write_text(doc.read_text().replace("| 299 |", "| 298 |", 1))  # a hand edit
+    assert tables.main(["--check", "--results", str(results), "--doc", str(doc)]) == 1

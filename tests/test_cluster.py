@@ -189,7 +189,7 @@ def in_srun_task(monkeypatch):
 
 
 def test_ranks_that_srun_did_not_start_are_refused_before_training(in_srun_task, make_cfg):
-    from lipexp.build import build_module, build_trainer, check_slurm_tasks
+    from lipexp.runs.build import build_module, build_trainer, check_slurm_tasks
 
     cfg = make_cfg("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=4", "logger=none")
     with pytest.raises(ValueError, match=r"= 4 ranks, but the SLURM job has SLURM_NTASKS=2"):

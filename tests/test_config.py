@@ -7,12 +7,11 @@ from hydra.errors import ConfigCompositionException, InstantiationException, Mis
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lipexp.config import validate
-from lipexp.deprecations import RENAMED_CHOICES, chosen_options, notices
+from lipexp.config.schema import validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["data", "model", "head", "adv", "lip", "recipe", "optimizer", "scheduler", "trainer",
-          "logger"]
+GROUPS = ["data", "model", "head", "adv", "lip", "defence", "recipe", "optimizer", "scheduler",
+          "trainer", "logger"]
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 EXPERIMENTS = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
 
@@ -21,7 +20,11 @@ EXPERIMENTS = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
 def test_every_option_composes_and_validates(make_cfg, group, option):
     cfg = make_cfg(f"{group}={option}")
     validate(cfg)
-    assert OmegaConf.select(cfg, group) is not None
+    if group == "defence":  # adv and lip as its name says (defence=j0_lip1: adv=j0 lip=lip1)
+        adv, _, lip = option.partition("_")
+        assert cfg == make_cfg(f"adv={adv}", f"lip={lip or 'none'}")
+    else:
+        assert OmegaConf.select(cfg, group) is not None
 
 
 @pytest.mark.parametrize("option", sorted(f.stem for f in (CONF / "model").glob("*.yaml")))
@@ -37,7 +40,7 @@ def test_defaults_are_j2_lip2_tanh_on_digits(make_cfg):
     choices = {"adv": cfg.adv._target_, "lip": cfg.lip._target_, "head": cfg.head._target_}
     assert choices == {
         "adv": "lipexp.defences.adversarial.l2_gradient_step",
-        "lip": "lipexp.defences.lipschitz.penalized_cross_entropy",
+        "lip": "lipexp.defences.penalty.penalized_cross_entropy",
         "head": "lipexp.models.heads.TanhHead",
     }
     assert cfg.lip.dual_norm == 2 and cfg.lip.lam == 0.1 and cfg.adv.eps == 0.01
@@ -111,7 +114,7 @@ def test_overrides_reach_the_objects(make_cfg):
 def test_bad_values_are_refused_with_a_message(make_cfg, override, error, message):
     """Refused by validate or, for groups checked by their constructors (data, models,
     attacks), when the run builds its objects; both come before any data is read."""
-    from lipexp.build import build_datamodule, build_evaluator, build_module
+    from lipexp.runs.build import build_datamodule, build_evaluator, build_module
 
     def validate_and_build(cfg):
         validate(cfg)
@@ -131,7 +134,7 @@ def test_none_options_take_no_size(make_cfg):
 
 
 def test_run_folder_names_are_deterministic_and_bounded():
-    from lipexp.resolvers import run_dirname
+    from lipexp.config.resolvers import run_dirname
 
     assert run_dirname("") == "default"
     assert run_dirname("adv=fgsm,data.data_dir=/a/b") == "adv=fgsm,data.data_dir=_a_b"
@@ -149,7 +152,7 @@ def test_the_recipe_printed_by_cfg_job_is_what_runs(make_cfg):
 
     import yaml
 
-    from lipexp.build import build_module, build_trainer
+    from lipexp.runs.build import build_module, build_trainer
 
     from .conftest import REPO
 
@@ -183,24 +186,59 @@ def test_trainer_options_share_one_file_of_settings(make_cfg):
         assert differing == own, option
 
 
-DEPRECATED = [(group, old, new) for group, renamed in RENAMED_CHOICES.items()
-              for old, new in renamed.items()]
+def test_the_default_defence_is_the_default_adv_and_lip_and_the_command_line_wins(make_cfg):
+    """conf/config.yaml's defence (j2_lip2) says what its adv and lip say, and an adv=... or
+    lip=... on the command line wins over a defence's choice, in either order."""
+    assert make_cfg() == make_cfg("defence=j2_lip2")
+    j0_lip1 = make_cfg("adv=j0", "lip=lip1")
+    assert make_cfg("defence=j0", "lip=lip1") == make_cfg("lip=lip1", "defence=j0") == j0_lip1
+    assert make_cfg("defence=j0_lip1") == j0_lip1
+    assert make_cfg("defence=j2_lip2", "adv=j1").adv == make_cfg("adv=j1").adv
 
 
-@pytest.mark.parametrize("group,old,new", DEPRECATED,
-                         ids=[f"{g}={o}" for g, o, _ in DEPRECATED])
-def test_a_deprecated_spelling_composes_as_the_new_one_with_a_notice(make_cfg, group, old, new):
-    if group == "attacks":  # the alias keeps the old key, so old settings overrides still work
-        old_cfg, new_cfg = make_cfg(f"attacks=[{old}]"), make_cfg(f"attacks=[{new}]")
-        assert list(old_cfg.attacks) == [old] and list(new_cfg.attacks) == [new]
-        assert old_cfg.attacks[old] == new_cfg.attacks[new]
-        instantiate(old_cfg.attacks[old])
-    else:
-        old_cfg, new_cfg = make_cfg(f"{group}={old}"), make_cfg(f"{group}={new}")
-        assert old_cfg == new_cfg
-    chosen = chosen_options({"adv": "j2", "lip": "lip2"} | (
-        {} if group == "attacks" else {group: old}), [f"attacks=[l2_pgd,{old}]"]
-        if group == "attacks" else [f"{group}={old}"])
-    (notice,) = notices(chosen)
-    assert f"{group}={old} is deprecated: use {group}={new}" in notice
-    assert notices(chosen_options({group: new}, [])) == []  # the new spelling: no notice
+def run_folder(*overrides: str) -> str:
+    """``hydra.run.dir`` of ``python run.py OVERRIDES``, composed as run.py composes it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True).hydra.run.dir
+
+
+# one run (the default: J2-Lip2 & tanh, lam 0.1) spelled in several ways, and with settings
+# that may change without changing its numbers
+ONE_RUN = [(), ("adv=j2", "lip=lip2", "head=tanh"), ("defence=j2_lip2", "head=tanh"),
+           ("head=tanh", "defence=j2_lip2"), ("lip.dual_norm=2",), ("lip.lam=0.1", "adv.eps=0.01"),
+           ("attacks=[linf_pgd,l2_pgd]",), ("recipe.epochs=3", "logger=none", "name=other",
+                                            "eval.batch_size=7", "resume=true")]
+
+
+def test_every_spelling_of_one_run_names_one_folder():
+    folders = {run_folder(*spelling) for spelling in ONE_RUN}
+    assert len(folders) == 1
+    (folder,) = folders
+    assert folder.startswith("outputs/J2-Lip2_tanh.digits.small_cnn.seed0.")
+    # other runs: other folders (the seed in the name; the rest in the hash)
+    others = [run_folder(o) for o in ("lip.lam=0.3", "seed=1", "head=linear", "defence=j0",
+                                      "adv.eps=0.02", "eval.n_images=20", "attacks=[l2_pgd]",
+                                      "+trainer.limit_train_batches=2")]
+    assert len({folder, *others}) == len(others) + 1
+    assert others[1] == folder.replace(".seed0.", ".seed1.")  # the seed is not in the hash
+    assert others[3].startswith("outputs/J0_tanh.digits.small_cnn.seed0.")
+
+
+def test_the_folder_name_is_the_run_name_of_the_recorded_config(make_cfg, tmp_path):
+    """The name Hydra resolves is ``run_name`` of the config that results.json records (plain,
+    resolved), so a folder can be checked against its results."""
+    from lipexp.config.identity import run_name
+    from lipexp.config.schema import as_plain_dict
+
+    for overrides in [(), ("defence=j1_lip1", "data=mnist", "model=allcnn", "seed=3"),
+                      ("lip.scaling=per_example", "lip.method=fd")]:
+        name = Path(run_folder(f"paths.output_dir={tmp_path}", *overrides)).name
+        assert name == run_name(as_plain_dict(make_cfg(*overrides)))
+
+
+def test_mode_eval_keeps_its_own_folder(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    folder = Path(run_folder("mode=eval", f"ckpt_path={ckpt}", "attacks=[l2_pgd]"))
+    assert folder.parent == tmp_path / "run" / "eval" and folder.name.startswith("l2_pgd-")

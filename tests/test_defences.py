@@ -9,14 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from lipexp.config import Scaling
+from lipexp.config.schema import Scaling
 from lipexp.defences.adversarial import (
     input_gradient,
     l2_gradient_step,
     no_perturbation,
     signed_gradient_step,
 )
-from lipexp.defences.lipschitz import cross_entropy, penalized_cross_entropy
+from lipexp.defences.penalty import cross_entropy, penalized_cross_entropy
 
 # Every test here compares float64 results with a closed form or an independent computation
 # (default float64 tolerances of assert_close), on the CPU and, under -m gpu, on CUDA.

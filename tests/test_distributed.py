@@ -69,8 +69,8 @@ def test_two_process_evaluation_equals_one_process(tmp_path, one_thread):
     here), hence the same kernels and sums."""
     spawn(w.evaluation_worker, str(tmp_path))
     model, x, y = w.evaluation_problem()
+    from lipexp.attacks.distance import PGDSearch
     from lipexp.attacks.threat import Norm
-    from lipexp.evaluation.distance_attacks import PGDSearch
 
     single = evaluate(model, x, y, {"l2_pgd": PGDSearch("l2", steps=5, targets=2)},
                       error_at_sizes={Norm.l2: [0.1], Norm.linf: [8 / 255]}, batch_size=5,
@@ -99,7 +99,7 @@ def test_ddp_run_on_digits_writes_results_once(tmp_path):
 
 
 def test_sync_batchnorm_with_the_penalty_is_refused(make_cfg):
-    from lipexp.build import build_module, build_trainer
+    from lipexp.runs.build import build_module, build_trainer
 
     def build(cfg):
         return build_trainer(cfg, build_module(cfg), [])

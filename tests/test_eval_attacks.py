@@ -1,4 +1,4 @@
-"""The contract of evaluation attacks (lipexp.evaluation.distance_attacks.DistanceAttack):
+"""The contract of evaluation attacks (lipexp.attacks.distance.DistanceAttack):
 declared flags, settings for results.json, range checks, and the model left as found."""
 
 import json
@@ -11,8 +11,7 @@ import yaml
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from lipexp.attacks.threat import Norm
-from lipexp.evaluation.distance_attacks import (
+from lipexp.attacks.distance import (
     AutoAttack,
     CarliniWagner,
     DeepFool,
@@ -21,6 +20,7 @@ from lipexp.evaluation.distance_attacks import (
     PGDSearch,
     SquareGrid,
 )
+from lipexp.attacks.threat import Norm
 
 # (attack, weak, reference): one-step and black-box attacks are weak, iterative PGD the
 # reference of its norm, the minimal-norm and fixed-size attacks neither

@@ -9,6 +9,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from lipexp.attacks.distance import (
+    AutoAttack,
+    DeepFool,
+    DistanceAttack,
+    FMNAttack,
+    PGDSearch,
+    SquareGrid,
+)
 from lipexp.attacks.threat import Norm
 from lipexp.evaluation.checks import (
     attack_beats_reference_median,
@@ -16,14 +24,6 @@ from lipexp.evaluation.checks import (
     vanishing_gradient_fraction,
     vanishing_gradients,
     weak_attack_beats_reference,
-)
-from lipexp.evaluation.distance_attacks import (
-    AutoAttack,
-    DeepFool,
-    DistanceAttack,
-    FMNAttack,
-    PGDSearch,
-    SquareGrid,
 )
 
 INF = math.inf

@@ -1,6 +1,6 @@
 """Re-evaluating real run folders, named by their overrides (``adv=j2,head=tanh``):
 ``lipexp eval`` (lipexp.cli), run.py's ``ckpt_path=`` quoting, the re-evaluate command that
-every run prints, and the run's logger in ``mode=eval`` (lipexp.reevaluate)."""
+every run prints, and the run's logger in ``mode=eval`` (lipexp.runs.reevaluate)."""
 
 import csv
 import json
@@ -18,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from lipexp.cli import main
-from lipexp.overrides import hydra_quoted, quote_ckpt_path
+from lipexp.config.overrides import hydra_quoted, quote_ckpt_path
 
 from .conftest import REPO
 from .wandb_records import run_record, summary_keys
@@ -147,7 +147,7 @@ def test_the_command_printed_at_the_end_of_training_re_evaluates_the_run(trained
 def test_the_printed_command_runs_where_lipexp_is_not_on_the_path(monkeypatch, tmp_path):
     """make run does not activate the virtual environment: the command then names this
     interpreter, which has lipexp installed."""
-    from lipexp.overrides import reevaluate_command
+    from lipexp.config.overrides import reevaluate_command
 
     monkeypatch.setattr("shutil.which", lambda name: None)
     args = shlex.split(reevaluate_command(tmp_path))
@@ -248,7 +248,7 @@ def test_mode_eval_logs_to_the_runs_wandb_project_as_an_evaluation(trained, tmp_
     run, _ = trained
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     checkpoint["lipexp_config"]["logger"] = {
-        "_target_": "lipexp.loggers.WandbLogger", "project": "lipexp-test", "group": "grid",
+        "_target_": "lipexp.runs.loggers.WandbLogger", "project": "lipexp-test", "group": "grid",
         "name": "J2-Lip2 & tanh / small_cnn / seed 0", "tags": ["J2", "Lip2", "tanh"],
         "save_dir": str(run), "offline": False, "log_model": False, "init_timeout": 30}
     torch.save(checkpoint, tmp_path / "wandb.ckpt")
@@ -264,7 +264,7 @@ def test_mode_eval_logs_to_the_runs_wandb_project_as_an_evaluation(trained, tmp_
 
 
 def test_the_evaluation_is_the_runs_own_with_this_commands_overrides(make_cfg):
-    from lipexp.reevaluate import evaluation_config
+    from lipexp.runs.reevaluate import evaluation_config
 
     run_cfg = OmegaConf.create({
         "eval": {"n_images": 12, "lipschitz": False, "batch_size": 100},

@@ -12,12 +12,12 @@ from hydra.utils import instantiate
 from sklearn.datasets import load_digits
 from torch import nn
 
+from lipexp.attacks.distance import PGDSearch
 from lipexp.attacks.threat import Norm
 from lipexp.evaluation.cost import Cost, counting
 from lipexp.evaluation.curves import error_curve, median_distance
-from lipexp.evaluation.distance_attacks import PGDSearch
 from lipexp.evaluation.evaluate import evaluate
-from lipexp.evaluation.loggers import metrics
+from lipexp.evaluation.summary import metrics
 from lipexp.models.small_cnn import SmallCNN
 
 pytestmark = pytest.mark.usefixtures("one_thread")

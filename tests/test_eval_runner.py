@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import lipexp.evaluation.evaluate as evaluate_module
+from lipexp.attacks.distance import PGDSearch
 from lipexp.attacks.threat import Norm
 from lipexp.data.datamodule import to_unit
 from lipexp.evaluation.callback import RobustnessEvaluation
-from lipexp.evaluation.distance_attacks import PGDSearch
 from lipexp.evaluation.evaluate import evaluate
 from lipexp.evaluation.runner import Evaluator
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from lipexp.attacks.threat import Norm
-from lipexp.evaluation.distance_attacks import (
+from lipexp.attacks.distance import (
     AutoAttack,
     CarliniWagner,
     DeepFool,
     PGDSearch,
     SquareGrid,
 )
+from lipexp.attacks.threat import Norm
 from lipexp.evaluation.evaluate import evaluate
 
 SIZES = {Norm.l2: [0.0, 0.1, 0.5], Norm.linf: [2 / 255, 8 / 255]}

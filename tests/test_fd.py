@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-import lipexp.defences.finite_difference as fdm
-from lipexp.config import validate
+import lipexp.defences.fd as fdm
+from lipexp.config.schema import validate
 from lipexp.defences.adversarial import l2_gradient_step, no_perturbation, signed_gradient_step
+from lipexp.defences.batch_stats import with_batch_statistics
 from lipexp.defences.compose import adversarial_fd_objective, compose, share_adversarial_passes
-from lipexp.defences.finite_difference import fd_grad_norms, with_batch_statistics
-from lipexp.defences.lipschitz import exact_grad_norms, penalized, penalized_cross_entropy
+from lipexp.defences.fd import fd_grad_norms
+from lipexp.defences.penalty import exact_grad_norms, penalized, penalized_cross_entropy
 
 from .conftest import build_run
 
@@ -192,7 +193,7 @@ def test_an_unknown_fd_direction_is_refused_when_the_config_is_composed(make_cfg
     (["adv.eps=0.02"], "lip.h must equal adv.eps"),
 ])
 def test_reuse_that_cannot_share_is_refused_before_training(make_cfg, overrides, match):
-    from lipexp.build import build_module
+    from lipexp.runs.build import build_module
 
     cfg = make_cfg("lip.method=fd", "lip.reuse_adv_gradient=true", *overrides)
     with pytest.raises(ValueError, match=match):
@@ -538,7 +539,9 @@ def test_fd_backward_runs_without_tf32(make_cfg, monkeypatch):
     from contextlib import contextmanager
 
     entered = []
-    real = fdm.tf32_off
+    import lipexp.precision as precision
+
+    real = precision.tf32_off
 
     @contextmanager
     def recording(device):
@@ -546,7 +549,7 @@ def test_fd_backward_runs_without_tf32(make_cfg, monkeypatch):
         with real(device):
             yield
 
-    monkeypatch.setattr(fdm, "tf32_off", recording)
+    monkeypatch.setattr(precision, "tf32_off", recording)
     for method, expected in (("fd", ["cpu"]), ("exact", [])):
         module, datamodule, _ = build_run(make_cfg(f"lip.method={method}", "model.width=4"))
         datamodule.setup("fit")
@@ -570,7 +573,7 @@ def test_fd_backward_runs_without_tf32(make_cfg, monkeypatch):
 
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true", "transformer-engine"])
 def test_fd_with_half_precision_weights_is_refused(make_cfg, precision):
-    from lipexp.build import build_module, build_trainer
+    from lipexp.runs.build import build_module, build_trainer
 
     cfg = make_cfg("lip.method=fd", f"trainer.precision={precision}", "model.width=4")
     with pytest.raises(ValueError, match="needs float32 weights"):

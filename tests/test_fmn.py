@@ -9,9 +9,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from torch import nn
 
+from lipexp.attacks.distance import FMNAttack
 from lipexp.attacks.fmn import FMN
 from lipexp.attacks.threat import THREATS, Norm
-from lipexp.evaluation.distance_attacks import FMNAttack
 from tests.test_attacks import (
     SHAPE,
     D,
@@ -255,8 +255,8 @@ def test_bad_settings_are_refused(bad, message):
 
 
 def test_configs_build_through_hydra(make_cfg):
-    from lipexp.build import build_evaluator
-    from lipexp.config import validate
+    from lipexp.config.schema import validate
+    from lipexp.runs.build import build_evaluator
 
     cfg = make_cfg("attacks=[l2_fmn,linf_fmn]")
     validate(cfg)
@@ -274,7 +274,7 @@ def test_configs_build_through_hydra(make_cfg):
     ("attacks.l2_fmn.gamma_init=-0.05", "gamma_init=-0.05"),
 ])
 def test_bad_config_values_are_refused_with_a_message(make_cfg, override, message):
-    from lipexp.build import build_evaluator
+    from lipexp.runs.build import build_evaluator
 
     with pytest.raises(InstantiationException) as info:
         build_evaluator(make_cfg("attacks=[l2_fmn]", override))

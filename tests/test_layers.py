@@ -13,24 +13,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lipexp"
 # Bottom to top. A module belongs to the first entry that is its name or a package above it;
 # it may import from its own layer (acyclically) and from the layers below, never above.
 LAYERS = [
-    # no lipexp imports of note: errors, files, state helpers, names, overrides, old formats
-    ("lipexp", "lipexp.errors", "lipexp.files", "lipexp.model_state", "lipexp.distributed",
-     "lipexp.resume", "lipexp.divergence", "lipexp.naming", "lipexp.overrides",
-     "lipexp.deprecations", "lipexp.loggers", "lipexp.provenance", "lipexp.stopping",
-     "lipexp.resolvers"),
-    ("lipexp.config",),  # the typed schema
+    # the bottom: no lipexp imports of note (errors, atomic files, model modes, ranks, float32)
+    ("lipexp.version", "lipexp.errors", "lipexp.files", "lipexp.model_state",
+     "lipexp.distributed", "lipexp.precision", "lipexp.resume", "lipexp.divergence"),
+    ("lipexp.config",),  # schema, overrides and quoting, resolvers, naming, compat
     ("lipexp.models",),
     ("lipexp.data",),
-    ("lipexp.attacks",),
-    ("lipexp.defences",),
-    ("lipexp.lipschitz",),  # bounds of models, the data set's constant
+    ("lipexp.attacks",),  # threat models, their loop, the distance attacks of the evaluation
+    ("lipexp.defences",),  # adversarial training, the penalty, fd, the step's objective
+    ("lipexp.lipschitz",),  # bound math: bounds of models, the data set's constant
     ("lipexp.module",),  # the LightningModule composing the defences
     ("lipexp.evaluation",),
-    ("lipexp.build",),  # config -> module, data, evaluator, trainer
-    ("lipexp.checkpoint", "lipexp.runfolder", "lipexp.ddp_launch"),
-    ("lipexp.train", "lipexp.reevaluate"),
+    ("lipexp.runs",),  # build, the run folder and its session, checkpoints, train, reevaluate
     ("lipexp.report",),
     ("lipexp.cli",),
+    ("lipexp.api", "lipexp"),  # the public names for notebooks (lipexp.load_run, ...)
 ]
 
 
@@ -112,13 +109,13 @@ def test_the_checks_catch_a_cycle_and_an_upward_import():
     """The two checks above on made-up graphs: they would fail on what they look for."""
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
-    assert layer("lipexp.cli") > layer("lipexp.defences.lipschitz") > layer("lipexp.errors")
+    assert layer("lipexp.cli") > layer("lipexp.defences.penalty") > layer("lipexp.errors")
     assert layer("lipexp.evaluation.runner") == layer("lipexp.evaluation")
-    assert upward({"lipexp.defences.lipschitz": {"lipexp.cli"}}) == [
-        f"lipexp.defences.lipschitz (layer {layer('lipexp.defences')}) imports lipexp.cli "
+    assert upward({"lipexp.defences.penalty": {"lipexp.cli"}}) == [
+        f"lipexp.defences.penalty (layer {layer('lipexp.defences')}) imports lipexp.cli "
         f"(layer {layer('lipexp.cli')})"]
-    assert upward({"lipexp.cli": {"lipexp.defences.lipschitz", "lipexp.errors"}}) == []
+    assert upward({"lipexp.cli": {"lipexp.defences.penalty", "lipexp.errors"}}) == []
     # the graph reader finds both kinds of import, lazy ones included
     graph = imports()
-    assert "lipexp.defences.finite_difference" in graph["lipexp.defences.lipschitz"]
+    assert "lipexp.defences.fd" in graph["lipexp.defences.penalty"]
     assert "lipexp.report" in graph["lipexp.cli"]  # imported inside a function

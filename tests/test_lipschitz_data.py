@@ -196,8 +196,8 @@ def float32_trap(seed):
 
 @pytest.mark.numerics
 def test_float32_rounding_trap_is_resolved_in_float64(device):
-    """On CUDA too: the screen's float32 products with TF32 off (ieee_float32). The count of
-    seeds that trap a naive float32 computation is taken on the CPU."""
+    """On CUDA too: the screen's float32 products with TF32 off (lipexp.precision.tf32_off).
+    The count of seeds that trap a naive float32 computation is taken on the CPU."""
     naive_wrong = 0
     for seed in range(12):
         x, y = float32_trap(seed)

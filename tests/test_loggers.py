@@ -4,7 +4,7 @@ import pytest
 import wandb
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-from lipexp.loggers import closing_logger
+from lipexp.runs.loggers import closing_logger
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """No wrong number recorded as completed, one owner per run folder, exact resume, signals
-recorded as such, checkpoints that cannot run code (lipexp.runfolder, divergence, resume,
+recorded as such, checkpoints that cannot run code (lipexp.runs.folder, divergence, resume,
 stopping, checkpoint)."""
 
 import hashlib
@@ -21,12 +21,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lipexp.checkpoint import CheckpointError, load_run_checkpoint, load_weights
 from lipexp.divergence import DivergenceError, DivergenceMonitor
 from lipexp.errors import Interrupted, Requeued, Terminated
 from lipexp.report import find_runs
-from lipexp.runfolder import RunFolder, RunFolderError
-from lipexp.train import run
+from lipexp.runs.checkpoint import CheckpointError, load_run_checkpoint, load_weights
+from lipexp.runs.folder import RunFolder, RunFolderError
+from lipexp.runs.train import run
 
 from .conftest import REPO
 from .test_runfolder import hold_lock
@@ -284,7 +284,7 @@ def test_checkpoint_loading_refuses_code_and_names_what_is_wrong(tmp_path, make_
     truncated.write_bytes(last.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="truncated.ckpt: truncated or corrupt"):
         load_run_checkpoint(truncated)
-    from lipexp.build import build_module
+    from lipexp.runs.build import build_module
 
     checkpoint = load_run_checkpoint(last)
     wider = build_module(make_cfg(*TINY, "model.width=16"))
@@ -296,7 +296,7 @@ def test_checkpoint_loading_refuses_code_and_names_what_is_wrong(tmp_path, make_
 
 
 def test_an_endless_run_is_refused_before_training(make_cfg):
-    from lipexp.build import build_module, build_trainer
+    from lipexp.runs.build import build_module, build_trainer
 
     cfg = make_cfg(*TINY, "trainer.max_epochs=-1")
     with pytest.raises(ValueError, match="trainer.max_epochs=-1 trains without end"):
@@ -315,7 +315,7 @@ def test_an_unknown_attack_in_a_list_names_the_valid_ones(tmp_path):
 def test_wandb_without_network_falls_back_to_offline(tmp_path, monkeypatch, caplog):
     import wandb
 
-    from lipexp.loggers import WandbLogger
+    from lipexp.runs.loggers import WandbLogger
 
     # a key, and a server that refuses connections (loopback: nothing leaves the machine)
     monkeypatch.setenv("WANDB_MODE", "online")
@@ -324,7 +324,7 @@ def test_wandb_without_network_falls_back_to_offline(tmp_path, monkeypatch, capl
     monkeypatch.setenv("WANDB_SILENT", "true")
     wandb.teardown()  # W&B reads its settings once per process: an earlier test's stay
     logger = WandbLogger(project="p", save_dir=str(tmp_path), init_timeout=3)
-    warned = logging.getLogger("lipexp.loggers")
+    warned = logging.getLogger("lipexp.runs.loggers")
     warned.addHandler(caplog.handler)  # whatever earlier tests did to logging's propagation
     try:
         assert logger.experiment.settings.mode == "offline"

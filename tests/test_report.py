@@ -1,5 +1,5 @@
-"""lipexp.naming (the study's names) and lipexp.report / lipexp.cli (tables, CSVs and figures of
-a folder of runs), on synthetic results.json files with the structure run.py writes."""
+"""lipexp.config.naming (the study's names) and lipexp.report / lipexp.cli (tables, CSVs and
+figures of a folder of runs), on synthetic results.json files with the structure run.py writes."""
 
 import csv
 import json
@@ -14,10 +14,11 @@ import yaml
 from matplotlib.image import imread
 
 from lipexp.cli import main
+from lipexp.config.naming import STUDY_ORDER, data_name, defence_name, model_name, run_label
 from lipexp.evaluation.curves import size_key
 from lipexp.files import write_json_atomic
-from lipexp.naming import STUDY_ORDER, data_name, defence_name, model_name, run_label
 from lipexp.report import report
+from lipexp.report.runs import Run, config_notes
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -318,6 +319,27 @@ def test_report_flags_seeds_of_different_configs(tmp_path):
     assert "- J2-Lip2: runs differ in `lip.lam`" in (tmp_path / "report.md").read_text()
 
 
+def test_seed_differences_that_change_no_numbers_are_not_flagged(tmp_path):
+    """Seeds may differ in what lipexp.runs.differences.CHANGEABLE allows (evaluation batch
+    size, loader workers, logging) and in the recipe; a completed run's max_epochs is how
+    long it trained, so a difference there (and in the lambda) is flagged; the run's own
+    folder in its strings is not a difference, and an empty section is no key."""
+    configs = [cfg(tmp_path, job, "l2", "l2", seed=seed) for seed, job in enumerate("ab")]
+    configs[0]["eval"] |= {"batch_size": 100, "extra": {}}
+    configs[1]["eval"] |= {"batch_size": 250}
+    configs[1]["data"]["num_workers"] = 4
+    configs[1]["logger"] = None
+    configs[1]["recipe"] = {"epochs": 100}
+    runs = [Run(tmp_path / job, "completed", {"config": c, "output_dir": str(tmp_path / job)})
+            for job, c in zip("ab", configs, strict=True)]
+    assert config_notes(runs) == []  # the callbacks' and logger's folders differ too
+    configs[1]["trainer"]["max_epochs"] = 100
+    configs[1]["lip"]["lam"] = 0.3
+    assert config_notes(runs) == ["runs differ in `lip.lam`, `trainer.max_epochs`"]
+    configs[1]["seed"] = 0
+    assert config_notes(runs)[1:] == ["seed 0 occurs more than once"]
+
+
 def test_missing_statistics_show_a_dash(tmp_path):
     """No l-inf attack, and an l2 curve that has neither 0.1 in error_at nor on its grid."""
     results = results_json(cfg(tmp_path, "a"), 0.1, (0.2, [0.1] * 7), (0.01, [0.1] * 4),
@@ -408,7 +430,7 @@ def test_runs_of_lipexp_0_1_are_reported_with_todays(make_cfg, tmp_path):
     """A results.json written by lipexp 0.1 (tests/data: adv=fgsm lip=l1, attacks l2_pgd,
     linf_pgd and deepfool) and today's run of the same settings (seed 1) are one defence
     with two seeds, without spurious "runs differ" notes, and deepfool is one attack."""
-    from lipexp.train import run
+    from lipexp.runs.train import run
 
     old = json.loads((Path(__file__).parent / "data" / "results_lipexp_0.1.json").read_text())
     write_run(tmp_path, "old", old)

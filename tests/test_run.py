@@ -10,8 +10,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lipexp.runfolder import RunFolderError
-from lipexp.train import run
+from lipexp.runs.folder import RunFolderError
+from lipexp.runs.train import run
 
 from .conftest import REPO, SHARED_DATASETS
 
@@ -59,18 +59,39 @@ def test_run_py_refuses_bad_overrides(tmp_path, override, message):
         assert failed["status"] == "failed" and message in failed["error"]
 
 
-def test_run_py_tells_the_new_spelling_of_a_deprecated_choice(tmp_path):
-    """Old scripts keep working (the alias composes the new choice) and are told the new name.
-    A bad recipe makes the run stop right after the notice, before any data is loaded."""
-    proc = run_py("adv=fgsm", "lip=l1", "attacks=[l2_pgd,deepfool]", "recipe.epochs=0",
+def test_run_py_refuses_old_names_one_line_each(tmp_path):
+    """Old scripts stop before Hydra starts, each old name told its new one on a line."""
+    proc = run_py("adv=fgsm", "lip=l1", "attacks=[l2_pgd,deepfool]",
                   f"hydra.run.dir={tmp_path / 'old'}")
-    printed = proc.stdout + proc.stderr  # Hydra's job logging prints to stdout
-    assert "adv=fgsm is deprecated: use adv=j1" in printed
-    assert "lip=l1 is deprecated: use lip=lip1" in printed
-    assert "attacks=deepfool is deprecated: use attacks=l2_deepfool" in printed
-    failed = json.loads((tmp_path / "old" / "results.json").read_text())
-    assert failed["config"]["adv"]["_target_"].endswith("signed_gradient_step")
-    assert "recipe.epochs must be >= 1" in failed["error"] and proc.returncode != 0
+    assert proc.returncode != 0
+    assert proc.stderr.splitlines() == ["adv=fgsm was renamed: use adv=j1",
+                                        "lip=l1 was renamed: use lip=lip1",
+                                        "attacks deepfool was renamed: use l2_deepfool"]
+    assert not (tmp_path / "old").exists()
+
+
+def test_two_spellings_of_one_run_are_one_folder_and_one_training(tmp_path):
+    """``python run.py`` and ``defence=j2_lip2 head=tanh lip.dual_norm=2`` (with the same
+    tiny settings) land in one folder under outputs/, and the second finds the run completed
+    (run.py started from tmp_path: its outputs/ is there)."""
+    tiny = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "eval.n_images=6",
+            "model.width=8", "logger=none", "attacks=[l2_pgd]", "attacks.l2_pgd.steps=3",
+            "attacks.l2_pgd.targets=1", "trainer.enable_progress_bar=false"]
+
+    def run_here(*args):
+        return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+
+    first = run_here(*tiny)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (folder,) = (tmp_path / "outputs").iterdir()
+    assert folder.name.startswith("J2-Lip2_tanh.digits.small_cnn.seed0.")
+    stamp = (folder / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    again = run_here("defence=j2_lip2", "head=tanh", "lip.dual_norm=2", *reversed(tiny))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already completed" in again.stdout + again.stderr
+    assert list((tmp_path / "outputs").iterdir()) == [folder]
+    assert (folder / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
 
 
 def test_default_run_reaches_five_percent_error(make_cfg):

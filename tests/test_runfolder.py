@@ -14,7 +14,8 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lipexp.errors import Interrupted, Terminated
-from lipexp.runfolder import RunFolder, RunFolderError, config_differences, requeued
+from lipexp.runs.differences import config_differences
+from lipexp.runs.folder import RunFolder, RunFolderError, requeued
 
 
 def read(folder: RunFolder) -> dict:
@@ -97,7 +98,7 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, caplog):
     torch.save({"state_dict": {"w": torch.zeros(1000)}}, folder.last)
     step = folder.path / "checkpoints" / "step.ckpt"  # newer, cut short
     step.write_bytes(folder.last.read_bytes()[:2000])
-    with caplog.at_level(logging.WARNING, logger="lipexp.runfolder"):
+    with caplog.at_level(logging.WARNING, logger="lipexp.runs.folder"):
         assert folder.resume_checkpoint(True) == str(folder.last)
     assert "step.ckpt: truncated or corrupt" in caplog.text
     folder.last.write_text("damaged")
@@ -162,7 +163,7 @@ def test_config_differences_of_a_lipexp_0_1_folder():
 def test_a_lipexp_0_3_evaluation_is_not_resumed_with_todays_search():
     """Resuming a lipexp 0.3 folder with the steps and targets it ran still differs in the
     search settings the upgrade fills in with the values that ran."""
-    search = "lipexp.evaluation.distance_attacks.PGDSearch"
+    search = "lipexp.attacks.distance.PGDSearch"
     old = {**CONFIG, "attacks": {"l2_pgd": {"_target_": search, "steps": 20}}}
     today = {"_target_": search, "steps": 20, "factor": 1.25, "early_stop": True,
              "target_order": "nearest"}
@@ -184,7 +185,7 @@ def test_a_folder_refuses_a_command_with_another_config(tmp_path, caplog):
                        match=r"completed run with another config.*lip.lam: 0.1 -> 0.3"):
         folder.completed_results(False, changed(lip={"lam": 0.3}))
     # only the evaluation differs (lipexp 0.4's cheaper search): the completed run stands
-    with caplog.at_level(logging.WARNING, logger="lipexp.runfolder"):
+    with caplog.at_level(logging.WARNING, logger="lipexp.runs.folder"):
         done = folder.completed_results(False, changed(eval={"lipschitz": False}))
     assert done["status"] == "completed" and re.search(r"lipexp(\.cli)? eval ", caplog.text)
     with pytest.raises(RunFolderError, match=r"eval.lipschitz.*lip.lam"):
@@ -202,7 +203,7 @@ def test_a_folder_refuses_a_command_with_another_config(tmp_path, caplog):
 
 def hold_lock(folder: RunFolder) -> subprocess.Popen:
     """Another process that owns ``folder`` until it is killed."""
-    code = ("import sys, time; from lipexp.runfolder import RunFolder\n"
+    code = ("import sys, time; from lipexp.runs.folder import RunFolder\n"
             f"with RunFolder({str(folder.path)!r}).owned():\n"
             "    print('owned', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -221,7 +222,7 @@ def test_a_second_process_is_refused_and_a_stale_lock_taken_over(tmp_path, caplo
         owner.kill()  # SIGKILL: the lock file stays behind, naming a dead process
         owner.wait()
     assert json.loads(folder.lock.read_text())["pid"] == owner.pid
-    with caplog.at_level(logging.WARNING, logger="lipexp.runfolder"), folder.owned():
+    with caplog.at_level(logging.WARNING, logger="lipexp.runs.folder"), folder.owned():
         assert json.loads(folder.lock.read_text())["pid"] == os.getpid()
     assert f"taking over the lock of process {owner.pid}" in caplog.text
     assert not folder.lock.exists()  # released on leaving
@@ -236,7 +237,7 @@ def test_a_lock_file_nobody_holds_is_taken_over_whatever_host_it_names(tmp_path,
     folder.path.mkdir()
     folder.lock.write_text(json.dumps({"host": "node-17", "pid": 1, "since": "then",
                                        "command": "run.py lip.lam=1"}))
-    with caplog.at_level(logging.WARNING, logger="lipexp.runfolder"), folder.owned():
+    with caplog.at_level(logging.WARNING, logger="lipexp.runs.folder"), folder.owned():
         assert json.loads(folder.lock.read_text())["pid"] == os.getpid()
     assert "taking over the lock of process 1 on node-17" in caplog.text
 

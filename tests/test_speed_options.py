@@ -11,8 +11,8 @@ from torch import nn
 
 from lipexp.defences.adversarial import l2_gradient_step
 from lipexp.defences.compose import adversarial_fd_objective, compose
-from lipexp.defences.finite_difference import fd_grad_norms
-from lipexp.defences.lipschitz import penalized_cross_entropy
+from lipexp.defences.fd import fd_grad_norms
+from lipexp.defences.penalty import penalized_cross_entropy
 
 from .conftest import build_run
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from lipexp.naming import STUDY_ORDER, defence_name
+from lipexp.config.naming import STUDY_ORDER, defence_name
 from lipexp.report import report
 
 from .conftest import REPO
@@ -106,7 +106,7 @@ SWEEPS = sorted(p.stem for p in (REPO / "conf" / "sweeps").glob("*.yaml"))
 def test_sweep_configs_compose_and_match_their_wandb_twins(make_cfg, sweep):
     import yaml
 
-    from lipexp.config import validate
+    from lipexp.config.schema import validate
 
     for defence in ("j0", "j1_lip1", "j2_lip2"):
         cfg = make_cfg(f"+sweeps={sweep}", f"+defence={defence}", "head=tanh")

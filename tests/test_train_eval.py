@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lipexp.evaluation.curves import error_curve
-from lipexp.reevaluate import evaluate_checkpoint
-from lipexp.train import run
+from lipexp.runs.reevaluate import evaluate_checkpoint
+from lipexp.runs.train import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

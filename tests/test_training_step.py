@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipexp.build import build_module
 from lipexp.data.sources import digits
+from lipexp.runs.build import build_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DEFENCES = [(adv, lip) for adv in ("j0", "j1", "j2")

@@ -9,7 +9,7 @@ classified image; its linearization reaches zero at the distance
 ``d_t`` is the exact distance to the half-space where ``z_t >= z_y`` (box aside), so the
 class with the smallest ``d_t`` is the nearest one (DeepFool's choice). PGD uses it to
 choose which classes its targeted runs aim at, and the distance search its first size
-(lipexp.evaluation.distance_attacks.PGDSearch).
+(lipexp.attacks.distance.PGDSearch).
 """
 
 import torch
@@ -25,7 +25,10 @@ def first_order_distances(model: nn.Module, x: Tensor, y: Tensor, classes: Tenso
                           norm: Norm) -> Tensor:
     """``d_t`` above for each image and each class of ``classes`` (B, C), as (B, C), clamped
     to >= 0 (0 where ``z_t >= z_y`` already); ``classes`` None: the most likely wrong class
-    (C = 1). One forward and C backward passes (w.r.t. the input only), in eval mode."""
+    (C = 1). One forward and C backward passes (w.r.t. the input only), in eval mode.
+
+    Example: d = first_order_distances(model, x, y, None, Norm.l2)  # (B, 1)
+    """
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         # clones: the inputs may be inference tensors (Lightning's test loop)
         x, y = x.detach().clone().requires_grad_(True), y.clone()
@@ -47,5 +50,8 @@ def first_order_distance(model: nn.Module, x: Tensor, y: Tensor, norm: Norm) -> 
     """``d_k`` (B,) for ``k`` the most likely wrong class (0 where x is misclassified): the
     exact distance for a linear model whose nearest class is also its most likely wrong one.
     One forward and one backward pass. A good first size for the distance search: it saves
-    the rounds spent growing from far below."""
+    the rounds spent growing from far below.
+
+    Example: d = first_order_distance(model, x, y, Norm.linf)  # (B,) linf estimates
+    """
     return first_order_distances(model, x, y, None, norm)[:, 0]

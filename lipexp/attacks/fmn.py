@@ -98,6 +98,8 @@ class FMN:
     iterate ``x_0 .. x_steps`` of every run from the same forward pass, and each image
     keeps its misclassified iterate of smallest norm. The model is an argument, never
     stored.
+
+    Example: x_adv, success = FMN("l2", steps=25)(model, x, y)  # x's shape, (B,) bool
     """
 
     norm: Norm | str

@@ -85,6 +85,8 @@ class PGD:
     leaves a run at its first successful iterate instead (the batch shrinks as images
     break: a distance search needs success at a size, not the smallest example). The model
     is an argument, never stored.
+
+    Example: x_adv, success = PGD("linf", steps=10)(model, x, y, eps=8 / 255)  # x's shape, (B,)
     """
 
     norm: Norm | str

@@ -59,6 +59,8 @@ def adversarial_distances(
     Cost: about ``log2(d_i / eps_init) + log2(1 / rtol) + 2`` attack calls per image (about
     8 to 12 for sensible ``eps_init``), plus one forward pass; with ``factor = 1.25`` and
     ``eps_init`` within 25% of ``d_i``, about ``log2(0.25 / rtol) + 2`` (6).
+
+    Example: d = adversarial_distances(model, x, y, PGD("l2", steps=10), "l2", 0.1, 20.0)  # (B,)
     """
     eps_init = torch.as_tensor(eps_init, dtype=x.dtype, device=x.device)
     if not (bool((eps_init > 0).all()) and eps_max > 0 and rtol > 0 and max_iter >= 1

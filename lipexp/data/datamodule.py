@@ -13,9 +13,11 @@ from lipexp.errors import require
 from lipexp.resume import ResumableDataLoader
 
 
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """Images as float32 in [0, 1]: uint8 pixels are divided by 255, floats kept."""
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+def to_unit(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Images as floats of ``dtype`` in [0, 1]: uint8 pixels are divided by 255 (in
+    ``dtype``), floating-point pixels (already in [0, 1]) only converted; ``x`` itself when
+    it is already of ``dtype``."""
+    return x.to(dtype).div_(255.0) if x.dtype == torch.uint8 else x.to(dtype)
 
 
 class InMemoryImages(Dataset):

@@ -3,7 +3,7 @@
 ``(perturb, objective)`` partials into what the step runs, and holds the two objectives that
 share the attack's passes (``attack_fd_objective``, ``adversarial_fd_objective``) and the
 refusals of settings that cannot share them. Above both the estimator
-(``lipexp.defences.finite_difference``) and the penalty (``lipexp.defences.lipschitz``), so
+(``lipexp.defences.fd``) and the penalty (``lipexp.defences.penalty``), so
 neither imports the other's callers.
 """
 
@@ -14,7 +14,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from lipexp.config import Direction, Method
+from lipexp.config.schema import Direction, Method
 from lipexp.defences.adversarial import (
     STEPS,
     input_gradient,
@@ -22,17 +22,17 @@ from lipexp.defences.adversarial import (
     no_perturbation,
     signed_gradient_step,
 )
-from lipexp.defences.finite_difference import (
+from lipexp.defences.batch_stats import running_stats_kept
+from lipexp.defences.fd import (
     clean_loss_and_direction,
     fd_grad_norms,
     loss_at,
     quotient_to_norm,
-    running_stats_kept,
     step_lengths,
     unit_direction,
 )
 from lipexp.defences.grad_norms import GradNorms
-from lipexp.defences.lipschitz import penalized, penalized_cross_entropy
+from lipexp.defences.penalty import penalized, penalized_cross_entropy
 
 
 def adversarial_fd_objective(model: nn.Module, x: Tensor, y: Tensor, eps: float, clip: bool,

@@ -1,4 +1,4 @@
-"""What an input-gradient-norm estimator of the penalty returns (lipexp.defences.lipschitz's
+"""What an input-gradient-norm estimator of the penalty returns (lipexp.defences.penalty's
 ESTIMATORS: exact double backpropagation, the finite difference of finite_difference.py)."""
 
 from collections.abc import Callable

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 import numpy as np
 from torch import Tensor
 
+from lipexp.attacks.distance import DistanceAttack
 from lipexp.evaluation.curves import median_distance
-from lipexp.evaluation.distance_attacks import DistanceAttack
 
 MEDIAN_GAP = 0.05  # an attack whose median is this far below PGD's (relative) signals trouble
 VANISHING = 1e-12  # an input gradient below this l2 norm counts as vanished
@@ -38,7 +38,8 @@ def vanishing_gradients(per_example: Mapping[str, Tensor], clean_wrong: Tensor,
     if vanished is None or vanished <= MAX_VANISHED:  # None: no correctly classified image
         return []
     return [f"the input gradient vanishes on {100 * vanished:.1f}% of correctly classified "
-            "images: gradient-based attacks may be masked"]
+            "images: gradient-based attacks may be masked "
+            "(see docs/evaluation.md#vanishing-input-gradients)"]
 
 
 def weak_attack_beats_reference(attacks: Mapping[str, DistanceAttack],
@@ -62,7 +63,8 @@ def weak_attack_beats_reference(attacks: Mapping[str, DistanceAttack],
             if beaten is not None:
                 warnings.append(f"{name} breaks more images than {ref_name} at "
                                 f"{attack.norm.value} size {beaten:.4g}: the white-box attack "
-                                "is too weak or gradients are masked")
+                                "is too weak or gradients are masked "
+                                "(see docs/evaluation.md#a-weak-attack-breaks-more-images)")
     return warnings
 
 
@@ -88,7 +90,8 @@ def attack_beats_reference_median(attacks: Mapping[str, DistanceAttack],
                 theirs = "+inf" if math.isinf(ref) else f"{ref:.4g}"
                 warnings.append(f"{name}'s median {attack.norm.value} distance {median:.4g} is "
                                 f"more than {gap:.0%} below {ref_name}'s {theirs}: PGD is too "
-                                "weak on this model or its gradients are masked")
+                                "weak on this model or its gradients are masked "
+                                "(see docs/evaluation.md#a-median-below-the-reference)")
     return warnings
 
 

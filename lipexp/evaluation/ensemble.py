@@ -11,8 +11,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from lipexp.attacks.distance import DistanceAttack
 from lipexp.attacks.threat import Norm
-from lipexp.evaluation.distance_attacks import DistanceAttack
 
 
 def ensemble(attacks: Mapping[str, DistanceAttack], distances: Mapping[str, np.ndarray]

@@ -20,15 +20,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lipexp.attacks.distance import DistanceAttack
 from lipexp.attacks.threat import Norm
 from lipexp.data.datamodule import to_unit
 from lipexp.distributed import broadcast_buffers, gather_objects, rank, world_size
+from lipexp.evaluation.certification import certified_curves, lipschitz_results, violation_warnings
 from lipexp.evaluation.checks import run_checks
 from lipexp.evaluation.cost import Cost, counting
 from lipexp.evaluation.curves import error_at, summarize
-from lipexp.evaluation.distance_attacks import DistanceAttack
 from lipexp.evaluation.ensemble import ensemble, ensemble_curves
-from lipexp.evaluation.lipschitz import certified_curves, lipschitz_results, violation_warnings
 from lipexp.evaluation.plots import plot_error_curves, write_curves_csv
 from lipexp.evaluation.stability import reduce_statistics, stability_statistics
 from lipexp.files import save_npz_atomic

@@ -10,12 +10,12 @@ from typing import Any
 from pytorch_lightning.loggers import Logger
 from torch import nn
 
+from lipexp.attacks.distance import DistanceAttack
 from lipexp.attacks.threat import Norm
 from lipexp.divergence import nonfinite_parameters
 from lipexp.errors import require
-from lipexp.evaluation.distance_attacks import DistanceAttack
 from lipexp.evaluation.evaluate import evaluate, write_outputs
-from lipexp.evaluation.loggers import log_evaluation
+from lipexp.evaluation.summary import log_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class Evaluator:
     ``lipschitz`` adds the Lipschitz analysis (the model's upper bound, the largest input
     Jacobian norm by ``jacobian_iterations`` power iterations per image, certified radii);
     ``progress`` shows a bar per attack. The settings' ranges are checked by the config
-    schema (lipexp.config.EvalConfig).
+    schema (lipexp.config.schema.EvalConfig).
     """
 
     def __init__(self, attacks: Mapping[str, DistanceAttack], n_images: int | None = None,

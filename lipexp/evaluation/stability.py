@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipexp.model_state import eval_mode
+from lipexp.lipschitz.model_bounds import jacobian_norms
 
 STATISTICS = ("grad_loss_l2", "grad_loss_l1", "jac_2_inf", "jac_1_1")
 
@@ -29,34 +29,22 @@ def stability_statistics(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Te
     The model is in eval mode during the call (each module's mode is restored after) and
     only the input is differentiated, so the parameters' ``.grad`` are untouched.
 
-    The Jacobian takes K backward passes, row ``k`` being ``grad_x sum_i f_k(x_i)``: in eval
-    mode the examples do not interact, so the gradient of the sum w.r.t. ``x_i`` is
-    ``d f_k(x_i) / d x_i``. The rows are reduced as they come (memory O(B n), not O(B K n)),
-    and the loss gradient follows from them by the chain rule,
-    ``g = J^T (softmax(f) - onehot(y))``, without another backward pass.
+    The Jacobian's rows and their norms come from ``lipexp.lipschitz.model_bounds.
+    jacobian_norms`` (K backward passes, the rows reduced as they come), and the loss
+    gradient from them by the chain rule, ``g = J^T (softmax(f) - onehot(y))``, without
+    another backward pass.
     """
-    x = x.detach().clone().requires_grad_(True)  # clone keeps the memory format
-    with eval_mode(model), torch.enable_grad():
-        logits = model(x)  # (B, K)
-        if logits.dim() != 2:
-            raise ValueError(f"expected logits of shape (B, K), got {tuple(logits.shape)}")
-        b, k = logits.shape
-        # d l / d f = softmax(f) - onehot(y), per example
-        dl_df = (logits.detach().softmax(dim=1) - F.one_hot(y, k).to(logits.dtype))  # (B, K)
-        g = x.new_zeros(b, x[0].numel())  # (B, n): grad_x l, accumulated over the rows
-        col_l1 = x.new_zeros(b, x[0].numel())  # (B, n): sum_k |J[k, j]|
-        row_l2 = x.new_zeros(b)  # (B,): max_k ||J[k, :]||_2
-        for c in range(k):
-            (row,) = torch.autograd.grad(logits[:, c].sum(), x, retain_graph=c < k - 1)
-            row = row.flatten(1)  # (B, n), in logical (C, H, W) order for any memory format
-            g += dl_df[:, c : c + 1] * row
-            col_l1 += row.abs()
-            row_l2 = torch.maximum(row_l2, torch.linalg.vector_norm(row, ord=2, dim=1))
+
+    def dl_df(logits: Tensor) -> Tensor:  # d l / d f = softmax(f) - onehot(y), (B, K)
+        return logits.softmax(dim=1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
+
+    norms = jacobian_norms(model, x, dl_df)
+    g = norms.weighted  # (B, n): grad_x l
     return {
         "grad_loss_l2": torch.linalg.vector_norm(g, ord=2, dim=1),
         "grad_loss_l1": torch.linalg.vector_norm(g, ord=1, dim=1),
-        "jac_2_inf": row_l2,
-        "jac_1_1": col_l1.amax(dim=1),
+        "jac_2_inf": norms.row_l2,
+        "jac_1_1": norms.col_l1,
     }
 
 

@@ -9,21 +9,19 @@ Exact duplicates with different labels (distance 0) are label noise: they are co
 excluded. ``smallest_distance`` computes the distance exactly (see its docstring for the
 proof) in blocks, so memory grows with the block, not with N^2; ``data_constant`` applies it
 to a data set's training split (pairs within it) or test split (test against training
-images); ``run`` is the command ``lipexp lipschitz data``: compose the config as run.py does,
-load the images, compute, write a JSON file.
+images). The command ``lipexp lipschitz data`` (compose the config, load the images, compute,
+write a JSON file) is lipexp.lipschitz.data_constant_cli.
 """
 
 import math
-import time
-from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from lipexp.data.datamodule import to_unit
 from lipexp.data.sources import ImageArrays
+from lipexp.precision import tf32_off
 
 U32 = 2.0**-24  # unit roundoff of float32
 # bytes of float32 distances per block; the rows whose candidates need an exact check add a
@@ -56,21 +54,6 @@ class Result:
     device: str
 
 
-@contextmanager
-def ieee_float32():
-    """Full float32 matrix products (no TF32 / bf16 shortcuts) inside the block: the margin of
-    ``smallest_distance`` bounds float32 rounding, not TF32's 10-bit mantissa."""
-    precision = torch.get_float32_matmul_precision()
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(precision)
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-
-
 def _flat(x: Tensor, labels: Tensor, name: str) -> tuple[Tensor, Tensor]:
     """Images as (N, D) (uint8 kept, other dtypes must be floating) and labels as int64 (N,)."""
     x = torch.as_tensor(x)
@@ -86,15 +69,6 @@ def _flat(x: Tensor, labels: Tensor, name: str) -> tuple[Tensor, Tensor]:
     if x.is_floating_point() and not torch.isfinite(x).all():
         raise ValueError(f"{name}: images contain NaN or infinite values")
     return x, labels.long()
-
-
-def _to_float32(x: Tensor) -> Tensor:
-    """Pixels in [0, 1] as float32 (uint8 / 255, as lipexp.data.datamodule.to_unit)."""
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-
-
-def _to_float64(x: Tensor) -> Tensor:
-    return x.double().div_(255.0) if x.dtype == torch.uint8 else x.double()
 
 
 def _squared_norms(x32: Tensor, chunk: int) -> Tensor:
@@ -158,7 +132,7 @@ def smallest_distance(
     e_ij <= (2 (D + 1) + 10) u S_ij (first order), and the margin used is twice that,
     m_i = 4 (D + 16) u (|a_i|^2 + max_j |b_j|^2) >= e_ij for every column j of the block,
     so also float64 rounding of the bounds below (relative 2^-53) is absorbed. It needs full
-    float32 products: ``ieee_float32`` turns TF32 off for the duration.
+    float32 products: ``lipexp.precision.tf32_off`` turns TF32 off for the duration.
 
     Exactness. Let U be the smallest nonzero exact squared distance recomputed so far (inf at
     first): it is the true value of some differently labelled, non-identical pair, so
@@ -193,8 +167,8 @@ def smallest_distance(
     ya_s, yb_s = ya[perm_a], yb[perm_b]
     exact_a = xa.to(dev)  # as given (uint8 or float), indexed by original indices
     exact_b = exact_a if within else xb.to(dev)
-    fa = _to_float32(xa[perm_a].to(dev))
-    fb = fa if within else _to_float32(xb[perm_b].to(dev))
+    fa = to_unit(xa[perm_a].to(dev))
+    fb = fa if within else to_unit(xb[perm_b].to(dev))
     chunk = max(1, 2**22 // max(dim, 1))
     na64 = _squared_norms(fa, chunk)
     nb64 = na64 if within else _squared_norms(fb, chunk)
@@ -204,7 +178,7 @@ def smallest_distance(
 
     state = _Best(integer=integer, n_b=len(xb))
     pairs = 0
-    with ieee_float32(), torch.no_grad():
+    with tf32_off(dev), torch.no_grad():
         for r0, r1, c0, c1 in _units(ya_s, yb_s, within, rows):
             pairs += (r1 - r0) * (c1 - c0)
             cand_r, cand_c = _screen(fa[r0:r1], fb[c0:c1], na32[r0:r1], nb32[c0:c1],
@@ -293,7 +267,8 @@ def _exact_squared(xa: Tensor, xb: Tensor, i: Tensor, j: Tensor, integer: bool,
             diff = xa[ii].to(torch.int32) - xb[jj].to(torch.int32)
             out.append((diff * diff).sum(1, dtype=torch.int64))
         else:
-            out.append((_to_float64(xa[ii]) - _to_float64(xb[jj])).pow(2).sum(1))
+            out.append((to_unit(xa[ii], torch.float64)
+                        - to_unit(xb[jj], torch.float64)).pow(2).sum(1))
     return torch.cat(out)
 
 
@@ -353,101 +328,3 @@ def data_constant(arrays: ImageArrays, split: str = "train", **kwargs) -> Result
         return smallest_distance(arrays.test_x, arrays.test_y, arrays.train_x, arrays.train_y,
                                  **kwargs)
     raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-
-
-def compose(overrides: Sequence[str]):
-    """The run config for ``overrides``, composed from the repository's conf/ as run.py
-    does, with Hydra's node (for the chosen data option)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import lipexp
-    from lipexp.config import register
-
-    register()
-    conf = Path(lipexp.__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
-
-
-def load_arrays(cfg) -> ImageArrays:
-    """Both splits of ``cfg.data`` through its loader (``data_dir``, ``download``)."""
-    from hydra.utils import instantiate
-
-    return instantiate(cfg.data.source)(cfg.data.data_dir, cfg.data.download)
-
-
-def _finite(x: float) -> float | None:
-    return None if math.isinf(x) else x
-
-
-def run(overrides: Sequence[str] = (), split: str = "train", block: int | None = None,
-        out: str | Path | None = None, device: str | None = None,
-        memory: int = DEFAULT_MEMORY) -> tuple[dict, Path]:
-    """``lipexp lipschitz data``: the data set's constant; the record written as JSON to
-    ``out`` (default ``lipschitz_data_<data>_<split>.json`` in the current folder) and
-    its path. Raises DataNotFoundError, Hydra's and OmegaConf's errors, ValueError."""
-    from lipexp.files import write_json_atomic
-
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    cfg = compose(overrides)
-    name = str(cfg.hydra.runtime.choices.get("data", "data"))
-    start = time.perf_counter()
-    arrays = load_arrays(cfg)
-    loaded = time.perf_counter()
-    result = data_constant(arrays, split, block=block, device=device, memory=memory)
-    seconds = time.perf_counter() - loaded
-    first, second = ("train", "train") if split == "train" else ("test", "train")
-    pair = None if result.pair is None else [
-        {"split": s, "index": k, "label": y}
-        for s, k, y in zip((first, second), result.pair, result.labels, strict=True)]
-    record = {
-        "data": name,
-        "split": split,
-        "overrides": list(overrides),
-        "n_images": {"train": len(arrays.train_x), "test": len(arrays.test_x)},
-        "constant": result.constant,
-        "distance": _finite(result.distance),
-        "squared_distance": _finite(result.squared_distance),
-        "pair": pair,
-        "ties": result.ties,
-        "duplicates_excluded": {
-            "count": result.duplicates,
-            "splits": [first, second],
-            "examples": [list(p) for p in result.duplicate_examples],
-        },
-        "pairs_examined": result.pairs,
-        "candidates_recomputed": result.candidates,
-        "block": result.block,
-        "device": result.device,
-        "threads": torch.get_num_threads(),
-        "seconds": seconds,
-        "load_seconds": loaded - start,
-        "precision": (
-            "candidates screened with float32 products ||a||^2 + ||b||^2 - 2 a.b (TF32 off) "
-            "and a proven rounding margin; the minimum recomputed exactly in "
-            + ("int64 on the uint8 pixels" if result.exact == "int64" else "float64")),
-        "definition": "L = 1 / min ||x1 - x2||_2 over differently labelled, non-identical "
-                      "pairs, pixels in [0, 1], one-hot labels (l2 -> l-infinity)",
-        "torch": torch.__version__,
-    }
-    path = Path(out) if out is not None else Path(f"lipschitz_data_{name}_{split}.json")
-    write_json_atomic(path, record)
-    return record, path
-
-
-def summary_line(record: dict) -> str:
-    """One line: ``mnist train: L = ... (smallest distance d between train[i] (label a) and
-    train[j] (label b)); k duplicate pairs excluded; s s``."""
-    head = f"{record['data']} {record['split']}"
-    dups = record["duplicates_excluded"]["count"]
-    tail = f"{dups} duplicate pair{'s' if dups != 1 else ''} excluded; {record['seconds']:.1f} s"
-    if record["pair"] is None:
-        return f"{head}: L = 0 (no differently labelled pair of distinct images); {tail}"
-    p, q = record["pair"]
-    ties = record["ties"]
-    tie = f", {ties - 1} more pair{'s' if ties > 2 else ''} at that distance" if ties > 1 else ""
-    return (f"{head}: L = {record['constant']:.6g} (smallest distance {record['distance']:.6g}"
-            f" between {p['split']}[{p['index']}] (label {p['label']}) and "
-            f"{q['split']}[{q['index']}] (label {q['label']}){tie}); {tail}")

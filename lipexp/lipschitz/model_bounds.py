@@ -16,6 +16,10 @@ Two numbers bracket the Lipschitz constant ``L`` of the logits ``f`` in l2 (the 
   the input Jacobian of the logits, ``||J(x_i)||_2``. For a unit ``v``, ``||J v|| <=
   ||J||_2 <= L``, so every power-iteration iterate is already a valid lower bound; the
   iterations only tighten it.
+- ``jacobian_norms(net, x)``: per image, exactly, the induced norms of ``J(x_i)`` that its
+  rows give, ``||J||_{2,inf}`` (the largest row l2 norm, itself ``<= ||J||_2``) and
+  ``||J||_{1,1}`` (the largest column l1 norm), and ``J^T w`` for weights of the logits (the
+  evaluation's stability statistics, lipexp.evaluation.stability, are these).
 
 ``operator_norm`` (power iteration on ``A^T A``) estimates a linear map's norm from below;
 the tests use it to show that the Fourier bounds are tight, and it serves maps without a
@@ -412,3 +416,47 @@ def jacobian_spectral_norms(net: nn.Module, x: Tensor, iterations: int = 20,
             v = torch.where((norm > 0).reshape(-1, *[1] * (x.dim() - 1)),
                             w / norm.clamp_min(1e-30).reshape(-1, *[1] * (x.dim() - 1)), v)
     return sigma.detach()
+
+
+@dataclass(frozen=True)
+class JacobianNorms:
+    """Per-image norms of the input Jacobian ``J(x_i) = d f(x_i) / d x_i`` (K, n) of the
+    logits, and ``J^T w`` for given weights of the logits (``jacobian_norms``)."""
+
+    logits: Tensor  # (B, K) f(x_i), detached
+    row_l2: Tensor  # (B,) ||J||_{2,inf} = max_k ||J[k, :]||_2
+    col_l1: Tensor  # (B,) ||J||_{1,1} = max_j sum_k |J[k, j]|
+    weighted: Tensor | None  # (B, n) J^T w_i (None without weights), n = C*H*W
+
+
+def jacobian_norms(net: nn.Module, x: Tensor,
+                   weights: Callable[[Tensor], Tensor] | None = None) -> JacobianNorms:
+    """``||J(x_i)||_{2,inf}``, ``||J(x_i)||_{1,1}`` and ``J(x_i)^T w_i`` exactly, for each
+    image of ``x`` (B, ...), with ``w = weights(f(x))`` (B, K) computed from the detached
+    logits (e.g. ``softmax(f) - onehot(y)``, which makes ``J^T w`` the loss gradient).
+
+    The model is in eval mode during the call (each module's mode is restored after) and
+    only the input is differentiated, so the parameters' ``.grad`` are untouched. The
+    Jacobian takes K backward passes, row ``k`` being ``grad_x sum_i f_k(x_i)``: in eval
+    mode the images do not interact, so the gradient of the sum w.r.t. ``x_i`` is
+    ``d f_k(x_i) / d x_i``. The rows are reduced as they come (memory O(B n), not
+    O(B K n)): ``J^T w = sum_k w_k J[k, :]``.
+    """
+    x = x.detach().clone().requires_grad_(True)  # clone keeps the memory format
+    with eval_mode(net), torch.enable_grad():
+        logits = net(x)  # (B, K)
+        if logits.dim() != 2:
+            raise ValueError(f"expected logits of shape (B, K), got {tuple(logits.shape)}")
+        b, k = logits.shape
+        w = None if weights is None else weights(logits.detach())  # (B, K)
+        weighted = None if w is None else x.new_zeros(b, x[0].numel())  # (B, n): J^T w
+        col_l1 = x.new_zeros(b, x[0].numel())  # (B, n): sum_k |J[k, j]|
+        row_l2 = x.new_zeros(b)  # (B,): max_k ||J[k, :]||_2
+        for c in range(k):
+            (row,) = torch.autograd.grad(logits[:, c].sum(), x, retain_graph=c < k - 1)
+            row = row.flatten(1)  # (B, n), in logical (C, H, W) order for any memory format
+            if weighted is not None:
+                weighted += w[:, c : c + 1] * row
+            col_l1 += row.abs()
+            row_l2 = torch.maximum(row_l2, torch.linalg.vector_norm(row, ord=2, dim=1))
+    return JacobianNorms(logits.detach(), row_l2, col_l1.amax(dim=1), weighted)

@@ -1,0 +1,166 @@
+"""Tables, CSVs and figures of a folder of runs (docs/method.md, "Evaluation protocol").
+
+``report(folder)`` reads every ``results.json`` under ``folder`` (a run folder, or a Hydra
+multirun folder of jobs), groups the completed runs by grid = (data, model) and, within a
+grid, by defence (the study's names, lipexp.config.naming); the seeds of one defence are
+aggregated as mean ± sample standard deviation (ddof = 1). It writes into ``folder``, atomically:
+
+- ``report.md``: per grid, a table of adversarial statistics (the two PGDs), one of every
+  attack that the grid's runs evaluated (whatever their names in results.json) and one of
+  stability statistics, one row per defence in the study's order, the best of each column
+  in bold; then every run that is not in the tables (failed, unfinished, unreadable) with
+  its folder;
+- ``report_adversarial.csv``, ``report_stability.csv``: one row per grid x defence, each
+  statistic's mean and std in results.json's units (errors as fractions; empty: not
+  available);
+- ``report_attacks.csv``: one row per grid x defence x attack (see ``tables.write_attacks_csv``);
+- ``report_<data>_<model>_l2.png``: the l2 PGD error curves of all defences of a grid.
+
+The parts: ``runs`` (finding and grouping the runs, config differences between seeds),
+``columns`` (the statistics, their aggregation and cells), ``tables`` (Markdown and CSV),
+``figure`` (the error curves); this module composes report.md from them.
+"""
+
+import re
+from pathlib import Path
+from typing import Any
+
+from lipexp.config.naming import run_label
+from lipexp.files import atomic_path
+from lipexp.report.columns import ADVERSARIAL, L2_ATTACK, STABILITY, aggregate, attack_columns
+from lipexp.report.figure import plot_grid
+from lipexp.report.runs import Run, config_notes, find_runs, group_runs, lookup
+from lipexp.report.tables import markdown_table, write_attacks_csv, write_csv
+
+__all__ = ["find_runs", "report"]
+
+ATTACKS_NOTE = (
+    "Every attack that the runs evaluated, by today's name: the median "
+    "adversarial distance of an attack with an error curve (largest is best), and the error "
+    "at its one size of a fixed-size attack such as AutoAttack (lowest is best)."
+)
+STABILITY_NOTE = (
+    "Stability statistics over the evaluated test images, model in eval mode: per-example "
+    "norms of the input gradient of the loss ℓ and induced norms ‖·‖ₚ,q of the Jacobian of "
+    "the logits f (after the tanh layer when present). The paper's loss-gradient columns "
+    "(‖∇ℓ‖) are gradients of the mean loss over test batches of 100, i.e. these values / 100. "
+    "Lipschitz constant L of the logits in l2: max ‖J‖₂ is the largest spectral norm of the "
+    "input Jacobian over the images (a lower bound on L), the upper bound the product of the "
+    "layers' operator norms; the certified radius of an image is its logit margin / (√2 L "
+    "upper), a distance below which no attack can succeed."
+)
+
+
+def _safe(name: str) -> str:
+    """``name`` usable in a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _relative(folder: Path, root: Path) -> str:
+    return str(folder.relative_to(root)) if folder != root else "."
+
+
+def _listing(run: Run, root: Path) -> str:
+    """One Markdown list item for a run that is not in the tables."""
+    label = f" ({run_label(run.config)})" if run.config else ""
+    message = " ".join(run.message.split())  # one line
+    what = {
+        "failed": f"**failed**{label}: {message}",
+        "running": f"**not finished**{label}: status \"running\" (still running, or killed), "
+                   f"started {run.results.get('started', '?')}",
+        "missing": f"**not finished**: {message}",
+        "unreadable": f"**unreadable**{label}: {message}",
+    }.get(run.status, f"**status \"{run.status}\"**{label}" + (f": {message}" if message else ""))
+    return f"- `{_relative(run.folder, root)}`: {what}"
+
+
+def report(folder: str | Path) -> dict[str, Any]:
+    """Write report.md, report_adversarial.csv, report_stability.csv, report_attacks.csv and
+    one figure per grid into ``folder``; FileNotFoundError if ``folder`` does not exist or
+    has no results.json.
+
+    Returns ``{"folder", "files": {"markdown", "adversarial_csv", "stability_csv",
+    "attacks_csv", "figures"}, "rows": [{"data", "model", "defence", "n_seeds", "seeds",
+    "folders", "stats": {key: {"mean", "std", "n"}}, "attacks": {attack: {"norm", "eps",
+    "mean", "std", "n"}}, "notes"}], "failed": [...], "unfinished": [...]}``, the last two
+    as ``{"folder", "status", "message"}``; an attack's numbers are its median distance
+    (``eps`` None) or its error at ``eps`` (a fixed-size attack).
+    """
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    runs = find_runs(root)
+    if not any(r.status != "missing" for r in runs):
+        raise FileNotFoundError(f"no results.json under {folder}"
+                                + (f" ({len(runs)} job folders without one)" if runs else ""))
+    grids = group_runs(runs)
+    completed = sum(r.status == "completed" for r in runs)
+    lines = ["# lipexp report", "",
+             f"Folder `{root}`: {_count(len(runs), 'run')}; {completed} completed (in the "
+             f"tables), {len(runs) - completed} not (listed at the end).", "",
+             "Values: mean ± sample standard deviation over seeds (n = number of seeds, shown "
+             "when > 1; a cell's own n when some seeds lack the statistic). **Bold**: the best "
+             "of the column (lowest error, largest median distance, lowest gradient norm; ties "
+             "all bold). Clean error: the full test set. Errors at a size and medians: the "
+             "attacked test images (per-image smallest adversarial perturbation; ∞: fewer than "
+             "half broken; —: not evaluated).", ""]
+    rows, figures = [], []
+    for (data, model), defences in grids.items():
+        columns = attack_columns([r for group in defences.values() for r in group])
+        attack_stats = tuple(c.stat for c in columns)
+        grid_rows = []
+        for name, group in defences.items():
+            found = aggregate(group, attack_stats)
+            grid_rows.append({
+                "data": data, "model": model, "defence": name, "n_seeds": len(group),
+                "seeds": [r.config.get("seed") for r in group],
+                "folders": [_relative(r.folder, root) for r in group],
+                "stats": aggregate(group, ADVERSARIAL + STABILITY),
+                "attacks": {c.name: {"norm": c.norm, "eps": c.eps, **found[c.name]}
+                            for c in columns},
+                "notes": config_notes(group),
+            })
+        rows += grid_rows
+        every_attack = ["### Every attack", "",
+                        *markdown_table([r | {"stats": r["attacks"]} for r in grid_rows],
+                                        attack_stats), "", ATTACKS_NOTE, ""] if columns else []
+        figure = root / f"report_{_safe(data)}_{_safe(model)}_l2.png"
+        plot_grid(figure, f"{data} / {model}", defences)
+        figures.append(figure)
+        n_images = sorted({n for g in defences.values() for r in g
+                           if (n := lookup(r.results, "attacks", L2_ATTACK, "n_images"))})
+        lines += [f"## {data} / {model}", "",
+                  f"{_count(sum(map(len, defences.values())), 'run')}; attacks on "
+                  f"{', '.join(map(str, n_images)) or '?'} test images.", "",
+                  "### Adversarial robustness", "", *markdown_table(grid_rows, ADVERSARIAL), "",
+                  f"![l2 error curves]({figure.name})", "", *every_attack,
+                  "### Stability statistics", "", *markdown_table(grid_rows, STABILITY), "",
+                  STABILITY_NOTE, ""]
+        notes = [f"- {row['defence']}: {note}" for row in grid_rows for note in row["notes"]]
+        lines += ["Notes on aggregated runs:", "", *notes, ""] if notes else []
+    others = [r for r in runs if r.status != "completed"]
+    lines += ["## Runs not in the tables", ""]
+    lines += [_listing(r, root) for r in others] or ["None: every run completed."]
+    paths = {"markdown": root / "report.md", "adversarial_csv": root / "report_adversarial.csv",
+             "stability_csv": root / "report_stability.csv",
+             "attacks_csv": root / "report_attacks.csv"}
+    with atomic_path(paths["markdown"]) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_csv(paths["adversarial_csv"], rows, ADVERSARIAL)
+    write_csv(paths["stability_csv"], rows, STABILITY)
+    write_attacks_csv(paths["attacks_csv"], rows)
+
+    def entry(r: Run) -> dict:
+        return {"folder": _relative(r.folder, root), "status": r.status, "message": r.message}
+
+    return {
+        "folder": str(root),
+        "files": {**{k: str(p) for k, p in paths.items()}, "figures": list(map(str, figures))},
+        "rows": rows,
+        "failed": [entry(r) for r in others if r.status in ("failed", "unreadable")],
+        "unfinished": [entry(r) for r in others if r.status not in ("failed", "unreadable")],
+    }

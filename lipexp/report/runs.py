@@ -1,0 +1,133 @@
+"""The runs of a folder: every results.json (and every Hydra job folder without one) as a
+``Run``, the completed ones grouped by grid = (data, model) and defence (the study's names,
+lipexp.config.naming), and the config differences between the seeds of one defence."""
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lipexp.config.compat import upgrade_results
+from lipexp.config.naming import data_name, defence_name, defence_sort_key, model_name
+from lipexp.runs.differences import CHANGEABLE, flat_config
+from lipexp.runs.folder import RunFolder
+
+# Config keys (prefixes) whose differences between the seeds of one defence are expected, not
+# flagged: the seed; the settings that may change without changing the numbers
+# (lipexp.runs.differences.CHANGEABLE: logs, paths, progress, evaluation batch sizes, ...)
+# except trainer.max_epochs, which CHANGEABLE allows because a resumed run may train longer,
+# but a completed run's max_epochs is how long it trained: seeds that differ in it differ in
+# their numbers; and all of "recipe.": the recipe's values are compared where they are used
+# (trainer.max_epochs, optimizer.lr, scheduler.milestones, ...), which a command line may
+# override directly.
+EXPECTED_DIFFERENCES = ("seed", "recipe.",
+                        *(key for key in CHANGEABLE if key != "trainer.max_epochs"))
+
+
+@dataclass
+class Run:
+    """One run folder: ``status`` is results.json's ("completed", "failed", "running", ...),
+    "missing" for a Hydra job folder without results.json, "unreadable" for a broken one."""
+
+    folder: Path
+    status: str
+    results: dict = field(default_factory=dict)
+    message: str = ""
+
+    @property
+    def config(self) -> dict:
+        config = self.results.get("config")
+        return config if isinstance(config, dict) else {}
+
+
+def lookup(data: Any, *path: str) -> Any:
+    """``data[path[0]][path[1]]...``, or None where an entry is missing."""
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def find_runs(folder: Path) -> list[Run]:
+    """Every results.json under ``folder``, and every Hydra job folder (one with ``.hydra``)
+    that has none, sorted by folder."""
+    runs = []
+    for path in folder.rglob("results.json"):
+        try:
+            results = json.loads(path.read_text())  # Infinity / NaN are read as floats
+            if not isinstance(results, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            runs.append(Run(path.parent, "unreadable", message=f"unreadable results.json: {e}"))
+            continue
+        results = upgrade_results(results)  # runs of earlier lipexp versions named as today
+        status = str(results.get("status", "no status"))
+        if status == "completed" and not isinstance(results.get("config"), dict):
+            status, results["error"] = "unreadable", "completed, but results.json has no config"
+        if status == "running" and RunFolder(path.parent).killed():
+            again = ("run the evaluation again" if results.get("mode") == "eval" else
+                     "resume=true continues it")
+            status, results["error"] = "killed", f"its process is gone (killed): {again}"
+        runs.append(Run(path.parent, status, results, str(results.get("error", ""))))
+    for hydra in folder.rglob(".hydra"):
+        if hydra.is_dir() and not (hydra.parent / "results.json").exists():
+            runs.append(Run(hydra.parent, "missing", message="no results.json: the job has not "
+                            "started training, or stopped before writing it"))
+    return sorted(runs, key=lambda r: str(r.folder))
+
+
+def _seed_key(run: Run) -> tuple:
+    """Sort key of a run by seed (numbers first)."""
+    seed = run.config.get("seed")
+    return (0, seed) if isinstance(seed, int | float) else (1, str(seed))
+
+
+def group_runs(runs: list[Run]) -> dict[tuple[str, str], dict[str, list[Run]]]:
+    """Completed training runs as {(data, model): {defence: [runs by seed]}}, grids sorted
+    by name, defences in the study's order. ``mode=eval`` re-evaluations of a checkpoint
+    are left out: they are not further seeds."""
+    grids: dict[tuple[str, str], dict[str, list[Run]]] = {}
+    for run in runs:
+        if run.status == "completed" and run.results.get("mode") != "eval":
+            grid = (data_name(run.config), model_name(run.config))
+            grids.setdefault(grid, {}).setdefault(defence_name(run.config), []).append(run)
+    return {grid: {name: sorted(defences[name], key=_seed_key)
+                   for name in sorted(defences, key=defence_sort_key)}
+            for grid, defences in sorted(grids.items())}
+
+
+def config_values(run: Run) -> dict[str, str]:
+    """The run's config as {dotted key: JSON text of the value}, the run's own folder in its
+    strings written "<run>" (so that seeds in different folders compare equal there). An
+    empty section has no key (no leaf to compare)."""
+    prefixes = [p for p in (run.results.get("output_dir"), lookup(run.config, "paths",
+                                                                   "output_dir"))
+                if isinstance(p, str) and p]
+
+    def text(value: Any) -> str:
+        if isinstance(value, str):
+            for prefix in prefixes:
+                value = value.replace(prefix, "<run>")
+        return json.dumps(value)
+
+    return {key: text(value) for key, value in flat_config(run.config).items()
+            if not (isinstance(value, Mapping) and not value)}
+
+
+def config_notes(runs: list[Run]) -> list[str]:
+    """Warnings for one defence's runs: config keys (other than ``EXPECTED_DIFFERENCES``)
+    whose values differ, and seeds that occur more than once."""
+    notes = []
+    flats = [config_values(r) for r in runs]
+    keys = sorted(set().union(*flats))
+    differing = [k for k in keys if not k.startswith(EXPECTED_DIFFERENCES)
+                 and len({f.get(k) for f in flats}) > 1]
+    if differing:
+        notes.append("runs differ in " + ", ".join(f"`{k}`" for k in differing))
+    seeds = [r.config.get("seed") for r in runs]
+    repeated = sorted({str(s) for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        notes.append("seed " + ", ".join(repeated) + " occurs more than once")
+    return notes
