@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lipexp.cli import CONF, _final_or_newest
 from lipexp.config.compat import attack_name, upgrade_results
 from lipexp.errors import require
 from lipexp.model_state import eval_mode, frozen_parameters
 from lipexp.runs.checkpoint import RunCheckpoint, load_run_checkpoint, load_weights
 from lipexp.runs.folder import RunFolder, RunFolderError, read_results
 
+CONF = Path(__file__).resolve().parents[1] / "conf"  # the repository's, beside run.py
 DISTANCES = "distances.npz"  # lipexp.evaluation.evaluate.write_outputs, in the run folder
 # distances.npz arrays that are not adversarial distances: the test-set index of each
 # evaluated image, and the certified radii (lower bounds, not found examples)
@@ -111,7 +111,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         raise FileNotFoundError(f"{path}: no such run folder or checkpoint file")
     if path.is_dir():
         folder = path
-        checkpoint = _final_or_newest(RunFolder(folder), load_run_checkpoint)
+        checkpoint = RunFolder(folder).final_checkpoint(load_run_checkpoint)
         evaluated = True
     else:
         checkpoint = load_run_checkpoint(path)
@@ -132,7 +132,7 @@ def _evaluated_checkpoint(folder: Path) -> Path | None:
     if not (folder / "results.json").is_file():
         return None
     try:
-        return Path(_final_or_newest(RunFolder(folder), Path)).resolve()
+        return RunFolder(folder).final_checkpoint(Path).resolve()
     except RunFolderError:
         return None
 

@@ -171,7 +171,7 @@ def test_the_recipe_printed_by_cfg_job_is_what_runs(make_cfg):
     assert sorted(scheduler.milestones) == printed["scheduler"]["milestones"] == (
         printed["recipe"]["milestones"])
     assert scheduler.gamma == printed["scheduler"]["gamma"]
-    # the numbers are the digits recipe's, the file that README points to
+    # the numbers are the digits recipe's, the file that docs/configuration.md points to
     recipe = yaml.safe_load((CONF / "recipe" / "digits.yaml").read_text())
     assert printed["recipe"] == {k: v for k, v in recipe.items() if k != "defaults"}
 

@@ -1,6 +1,7 @@
-"""Re-evaluating real run folders, named by their overrides (``adv=j2,head=tanh``):
-``lipexp eval`` (lipexp.cli), run.py's ``ckpt_path=`` quoting, the re-evaluate command that
-every run prints, and the run's logger in ``mode=eval`` (lipexp.runs.reevaluate)."""
+"""Re-evaluating real run folders (one named as lipexp < 0.6 named them, ``adv=j2,head=tanh``):
+``lipexp eval`` (lipexp.cli.eval), the evaluation task ``python evaluate.py ckpt_path=...``,
+the re-evaluate command that every run prints, and the run's logger in an evaluation
+(lipexp.runs.reevaluate)."""
 
 import csv
 import json
@@ -18,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from lipexp.cli import main
-from lipexp.config.overrides import hydra_quoted, quote_ckpt_path
+from lipexp.config.overrides import hydra_quoted
 
 from .conftest import REPO
 from .wandb_records import run_record, summary_keys
@@ -90,20 +91,6 @@ def test_a_hydra_quoted_value_reads_back_as_itself(value):
     assert OmegaConf.create({"k": override.value()}).k == value  # Hydra's, then OmegaConf's
 
 
-def test_run_py_quotes_a_ckpt_path_only_where_hydra_would_misread_it(tmp_path):
-    run = tmp_path / "adv=j2,head=tanh"
-    (run / "checkpoints").mkdir(parents=True)
-    (ckpt := run / "checkpoints" / "last.ckpt").touch()
-    plain = tmp_path / "plain.ckpt"
-    args = [f"ckpt_path={ckpt}", f"ckpt_path={tmp_path}/gone=1/last.ckpt",
-            f"ckpt_path={plain}", "ckpt_path=${oc.env:CKPT}", "ckpt_path='quoted'",
-            "ckpt_path=a.ckpt,b.ckpt", "hydra.run.dir=x=1"]
-    assert quote_ckpt_path(args) == [
-        f"ckpt_path={hydra_quoted(str(ckpt))}",  # an existing path
-        f"ckpt_path={hydra_quoted(f'{tmp_path}/gone=1/last.ckpt')}",  # Hydra cannot read it
-        *args[2:]]  # Hydra reads these as written: a path, an interpolation, a sweep...
-
-
 # ---------------------------------------------------------------- lipexp eval
 
 
@@ -156,11 +143,11 @@ def test_the_printed_command_runs_where_lipexp_is_not_on_the_path(monkeypatch, t
     assert proc.returncode == 0 and "eval" in proc.stdout
 
 
-def test_run_py_evaluates_a_checkpoint_in_a_folder_named_by_overrides(trained):
+def test_evaluate_py_evaluates_a_checkpoint_given_as_a_quoted_path(trained):
     run, _ = trained
     before = evaluations(run)
-    proc = command(sys.executable, "run.py", "mode=eval",
-                   f"ckpt_path={run}/checkpoints/last.ckpt", *EVAL)
+    ckpt = hydra_quoted(f"{run}/checkpoints/last.ckpt")  # Hydra's grammar: '=' and ','
+    proc = command(sys.executable, "evaluate.py", f"ckpt_path={ckpt}", *EVAL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (folder,) = evaluations(run) - before
     assert_same_evaluation(run, folder)
@@ -221,7 +208,6 @@ def test_the_console_entry_exits_with_1(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("attacks=[l2_pgd,l2_pgdd]", "attacks=l2_pgdd: no such option; available options"),
-    ("attacks.l2_pgd.steps=0", "steps must be >= 1, got 0"),
     ("eval.n_images=-1", "eval.n_images must be > 0"),
     ("seed=1", "seed=1: lipexp eval overrides only eval.*, attacks"),
     ("trainer.max_epochs=3", "trainer.max_epochs=3: lipexp eval overrides only eval.*, "),
@@ -294,24 +280,41 @@ def test_the_evaluation_is_the_runs_own_with_this_commands_overrides(make_cfg):
     assert attacks["l2_gradient"]["rtol"] == 0.05
 
 
-def test_run_py_takes_an_interpolated_checkpoint_path(trained):
+def test_evaluate_py_takes_an_interpolated_checkpoint_path(trained):
     run, _ = trained
     before = evaluations(run)
     env = {**ENV, "CKPT": str(run / "checkpoints" / "last.ckpt")}
-    proc = subprocess.run([sys.executable, "run.py", "mode=eval", "ckpt_path=${oc.env:CKPT}",
-                           "attacks=[gradient]", "eval.n_images=4"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "evaluate.py", "ckpt_path=${oc.env:CKPT}",
+                           "attacks=[l2_gradient]", "eval.n_images=4"], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "attacks=gradient is deprecated" in proc.stderr  # the notices, as run.py's
     (folder,) = evaluations(run) - before
-    assert folder.name.startswith("gradient-")
+    assert folder.name.startswith("l2_gradient-")
 
 
-def test_run_py_refuses_bad_input_before_making_a_folder(trained, tmp_path):
+def test_an_attack_setting_is_refused_before_any_folder_is_made(trained, capsys):
+    """A setting of the run's own attack is checked by the attack's constructor, once the
+    run's attacks are known: after the checkpoint is read, before any folder is made."""
     run, _ = trained
     before = evaluations(run)
-    for args in ([f"ckpt_path={run}/checkpoints/last.ckpt", "attacks.l2_pgd.steps=0"],
-                 [f"ckpt_path={tmp_path}/gone/x=1,y=2/last.ckpt"]):
-        proc = command(sys.executable, "run.py", "mode=eval", *args)
+    assert main(["eval", str(run), "attacks.l2_pgd.steps=0"]) == 1
+    assert "steps must be >= 1, got 0" in one_error_line(capsys.readouterr().err)
+    assert evaluations(run) == before
+
+
+def test_evaluate_py_refuses_bad_input_before_making_a_folder(trained, tmp_path):
+    run, _ = trained
+    before = evaluations(run)
+    ckpt = hydra_quoted(f"{run}/checkpoints/last.ckpt")
+    for args in ([f"ckpt_path={ckpt}", "attacks.l2_pgd.steps=0"],
+                 [f"ckpt_path={hydra_quoted(f'{tmp_path}/gone/x=1,y=2/last.ckpt')}"],
+                 [f"ckpt_path={ckpt}", "attacks=[fgsm]"]):  # an old name
+        proc = command(sys.executable, "evaluate.py", *args)
         assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert evaluations(run) == before and not (tmp_path / "gone").exists()
+
+
+def test_run_py_mode_eval_names_the_evaluation_task(tmp_path):
+    proc = command(sys.executable, "run.py", "mode=eval", f"ckpt_path={tmp_path}/x.ckpt")
+    assert proc.returncode == 1 and "evaluate.py ckpt_path=PATH" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from lipexp.config.identity import run_name
 from lipexp.config.naming import STUDY_ORDER, defence_name
 from lipexp.report import report
 
@@ -39,6 +40,9 @@ def test_digits_grid_report_has_one_row_per_defence(digits_grid):
     folder, _ = digits_grid
     runs = [json.loads(p.read_text()) for p in folder.rglob("results.json")]
     assert len(runs) == 14 and all(r["status"] == "completed" for r in runs)
+    for path in folder.rglob("results.json"):  # each job's folder: the name of its run
+        assert path.parent.parent == folder
+        assert path.parent.name == run_name(json.loads(path.read_text())["config"])
     summary = report(folder)
     assert summary["failed"] == [] and summary["unfinished"] == []
     with open(summary["files"]["adversarial_csv"]) as f:
@@ -67,6 +71,17 @@ def test_rerunning_a_finished_sweep_trains_nothing(digits_grid):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("already completed") + proc.stdout.count("already completed") == 14
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*.ckpt")} == stamps
+
+
+def test_a_command_line_defence_sweep_runs_each_defence(tmp_path):
+    """``-m defence=j0,j2_lip2`` (no "+": defence is in the defaults list): one job, and
+    one folder, per defence."""
+    proc = multirun("defence=j0,j2_lip2", *TINY, f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.rglob("results.json")}
+    assert sorted(defence_name(r["config"]) for r in runs.values()) == ["J0 & tanh",
+                                                                        "J2-Lip2 & tanh"]
+    assert all(name == run_name(r["config"]) for name, r in runs.items())
 
 
 def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path):
@@ -109,14 +124,14 @@ def test_sweep_configs_compose_and_match_their_wandb_twins(make_cfg, sweep):
     from lipexp.config.schema import validate
 
     for defence in ("j0", "j1_lip1", "j2_lip2"):
-        cfg = make_cfg(f"+sweeps={sweep}", f"+defence={defence}", "head=tanh")
+        cfg = make_cfg(f"+sweeps={sweep}", f"defence={defence}", "head=tanh")
         validate(cfg)
         assert cfg.name == sweep
     wandb_sweep = yaml.safe_load((REPO / "sweeps" / "wandb" / f"{sweep}.yaml").read_text())
     hydra_sweep = yaml.safe_load((REPO / "conf" / "sweeps" / f"{sweep}.yaml").read_text())
     grid = hydra_sweep["hydra"]["sweeper"]["params"]
     params = wandb_sweep["parameters"]
-    assert params["+defence"]["values"] == grid["+defence"].split(",")
+    assert params["defence"]["values"] == grid["defence"].split(",")  # no "+": a default
     assert params["head"]["values"] == grid["head"].split(",")
     assert params["name"]["value"] == sweep
     if sweep.startswith("paper_"):

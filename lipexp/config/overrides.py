@@ -1,6 +1,6 @@
 """Hydra overrides as lipexp reads and writes them: an override's key, a value quoted so that
-Hydra reads it back as given (run folders are named by their overrides, e.g.
-``outputs/adv=j2,head=tanh``, and paths can hold ``=`` or ``,``), and the command that
+Hydra reads it back as given (paths can hold ``=`` or ``,``: run folders of lipexp < 0.6
+were named by their overrides, e.g. ``outputs/adv=j2,head=tanh``), and the command that
 evaluates a run again. Imports nothing of lipexp: training, evaluation, the run folder and
 the command line all use it.
 """
@@ -30,30 +30,6 @@ def hydra_quoted(value: str) -> str:
     literal = re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + "\\${", value)
     quoted = re.sub(r"(\\*)('|\Z)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), literal)
     return f"'{quoted}'"
-
-
-def quote_ckpt_path(args: list[str]) -> list[str]:
-    """run.py's command line with ``ckpt_path=PATH`` as a Hydra quoted string where Hydra's
-    grammar would stop at PATH (``mismatched input '='``), or read an existing PATH as
-    something else (``a,b`` is a sweep); any other argument as given, and all of them under
-    ``-m`` (a sweep over paths is Hydra's to parse: quote each one there)."""
-    if "-m" in args or "--multirun" in args:
-        return args
-    return [f"ckpt_path={hydra_quoted(arg.partition('=')[2])}"
-            if arg.startswith("ckpt_path=") and _misread(arg) else arg for arg in args]
-
-
-def _misread(override: str) -> bool:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    value = override.partition("=")[2]
-    try:
-        (parsed,) = OverridesParser.create().parse_overrides([override])
-    except OverrideParseException:
-        return True  # quoted, it reads; else Hydra's error names no path
-    # an interpolation, a quoted string or a sweep that names no file is left to Hydra
-    return parsed.value() != value and Path(value).exists()
 
 
 def reevaluate_command(target: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> str:

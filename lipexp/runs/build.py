@@ -75,7 +75,7 @@ def check_slurm_tasks(strategy: object, devices: object, num_nodes: object) -> N
     its own launcher it never checks them against ``trainer.devices x trainer.num_nodes``; a
     mismatch (or ``python run.py trainer=ddp`` in the batch script without ``srun``) waits at
     the rendezvous for ranks that never come, or trains a world of the wrong size. So it is
-    refused here (README, "SLURM, one run"). Single-device strategies do not form a world
+    refused here (docs/scaling.md, "SLURM: one run"). Single-device strategies do not form a world
     and are left alone, as are device counts Lightning resolves itself (``auto``, ``-1``, a
     list of GPUs)."""
     from pytorch_lightning.plugins.environments import SLURMEnvironment

@@ -223,6 +223,16 @@ class RunFolder:
 
         return self.newest_checkpoint(readable) if resume else None
 
+    def final_checkpoint(self, read: Callable[[Path], T]) -> T:
+        """``read`` of a completed run's final weights, ``checkpoints/last.ckpt``; else of the
+        newest readable checkpoint (file times can mislead in a copied folder: a completed
+        run's last.ckpt is the one it evaluated). What ``lipexp eval RUN_DIR`` and
+        ``lipexp.load_run`` take."""
+        results = read_results(self.results) or {}
+        if results.get("status") == "completed" and self.last.is_file():
+            return read(self.last)
+        return self.newest_checkpoint(read)
+
     def newest_checkpoint(self, read: Callable[[Path], T]) -> T:
         """``read(path)`` of the newest of ``checkpoints()`` that ``read`` accepts (a
         reader of lipexp.runs.checkpoint): a damaged one is skipped with a warning; none readable,

@@ -59,7 +59,8 @@ class EvaluationPlan:
 def plan_evaluation(cfg: DictConfig, overrides: list[str],
                     checkpoint: RunCheckpoint | None = None,
                     folder: str | Path | None = None) -> EvaluationPlan:
-    """The plan of evaluating ``cfg.ckpt_path`` (or ``checkpoint``, already read) with the
+    """The plan of evaluating ``cfg.ckpt_path`` (a checkpoint file, or a run folder: its final
+    weights, ``RunFolder.final_checkpoint``; or ``checkpoint``, already read) with the
     checkpoint's own config, its evaluation included; this command's ``eval.*``,
     ``attacks`` and ``logger`` overrides change it (``evaluation_config``); without them the
     numbers equal the run's own evaluation. ``folder``: the evaluation's (default
@@ -68,9 +69,11 @@ def plan_evaluation(cfg: DictConfig, overrides: list[str],
     (the schema's ranges), the evaluation's once it is known (the schema's, then each
     attack's constructor): ValueError, FileNotFoundError, CheckpointError."""
     validate(cfg)  # this command's settings, before the checkpoint is read
-    if checkpoint is None:
+    if checkpoint is None:  # a checkpoint file, or a run folder's final weights
         require(bool(cfg.get("ckpt_path")), "give ckpt_path=PATH of a checkpoint")
-        checkpoint = load_run_checkpoint(cfg.ckpt_path)
+        path = Path(cfg.ckpt_path)
+        checkpoint = (RunFolder(path).final_checkpoint(load_run_checkpoint) if path.is_dir()
+                      else load_run_checkpoint(path))
     run_cfg = OmegaConf.create(checkpoint.config)
     run_cfg.eval, run_cfg.attacks = evaluation_config(cfg, run_cfg, overrides)
     if any(override_key(o).split(".")[0] == "logger" for o in overrides):
