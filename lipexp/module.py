@@ -23,7 +23,7 @@ class RobustClassifier(pl.LightningModule):
     ``config`` (the resolved run config) and ``provenance`` (versions, lipexp commit) are
     stored in every checkpoint, so a checkpoint alone says how it was made.
 
-    Speed options (``+model.channels_last=true``, ``+model.compile=true``; docs in README,
+    Speed options (``+model.channels_last=true``, ``+model.compile=true``; docs/configuration.md,
     "Speed"): ``channels_last`` stores the weights and the training batches in NHWC order
     (faster convolutions on tensor cores); ``compile`` trains through ``torch.compile(net)``
     (the weights stay those of ``net``: checkpoints are unchanged). torch.compile cannot

@@ -42,6 +42,12 @@ def run_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           env={**os.environ, "WANDB_MODE": "disabled"})
 
 
+def evaluate_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "evaluate.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+
+
 def digests(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` and the hash of its bytes."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -149,10 +155,10 @@ def test_a_folder_owned_by_a_live_process_is_refused_untouched(make_cfg, tmp_pat
         owner.wait()
 
 
-def test_a_folder_keeps_its_config_and_mode_eval_its_own_folder(tmp_path):
-    """run.py end to end: a different config for a completed folder, and mode=eval pointed at
-    the training folder, are both refused and leave every file (.hydra/ included) as it was;
-    mode=eval by default writes <run>/eval/<attacks>-<time>/."""
+def test_a_folder_keeps_its_config_and_an_evaluation_its_own_folder(tmp_path):
+    """run.py end to end: a different config for a completed folder, and evaluate.py pointed
+    at the training folder, are both refused and leave every file (.hydra/ included) as it
+    was; evaluate.py by default writes <run>/eval/<attacks>-<time>/."""
     out = tmp_path / "trained"
     first = run_py(*TINY, "trainer.max_epochs=1", f"hydra.run.dir={out}")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -163,11 +169,11 @@ def test_a_folder_keeps_its_config_and_mode_eval_its_own_folder(tmp_path):
     again = run_py(*TINY, "trainer.max_epochs=1", "lip.lam=0.3", f"hydra.run.dir={out}")
     assert again.returncode != 0 and "lip.lam: 0.1 -> 0.3" in again.stderr
     ckpt = out / "checkpoints" / "last.ckpt"
-    into = run_py("mode=eval", f"ckpt_path={ckpt}", f"hydra.run.dir={out}")
+    into = evaluate_py(f"ckpt_path={ckpt}", f"paths.output_dir={out}")
     assert into.returncode != 0 and "holds a training run" in into.stderr
     assert digests(out) == before
 
-    evaluated = run_py("mode=eval", f"ckpt_path={ckpt}", "eval.n_images=12")
+    evaluated = evaluate_py(f"ckpt_path={ckpt}", "eval.n_images=12")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     (folder,) = (out / "eval").iterdir()
     assert folder.name.startswith("l2_pgd+linf_pgd-")

@@ -385,8 +385,8 @@ def test_report_shows_every_attack_of_the_runs(tmp_path):
                 "error_at": {size_key(8 / 255): error}, "settings": {"attack": "AutoAttack"}}
 
     runs = {  # job -> (defence options, seed, extra attacks)
-        "j0_s0": ((), 0, {"deepfool": deepfool(0.3), "linf_autoattack": autoattack(0.42)}),
-        "j0_s1": ((), 1, {"deepfool": deepfool(0.5), "linf_autoattack": autoattack(0.40)}),
+        "j0_s0": ((), 0, {"l2_deepfool": deepfool(0.3), "linf_autoattack": autoattack(0.42)}),
+        "j0_s1": ((), 1, {"l2_deepfool": deepfool(0.5), "linf_autoattack": autoattack(0.40)}),
         "j2": (("l2",), 0, {"l2_deepfool": deepfool(0.7)}),
     }
     for job, (options, seed, extra) in runs.items():

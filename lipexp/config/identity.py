@@ -51,8 +51,16 @@ def _changeable(key: str, changeable: tuple[str, ...]) -> bool:
                for c in changeable)
 
 
+# Changeable when continuing a folder (resume to more epochs) but part of a run's name: a
+# 40-epoch command must never be answered by a completed 1-epoch run's folder.
+HASHED_LENGTH = ("trainer.max_epochs", "recipe.epochs")
+
+
 def skipped(key: str) -> bool:
-    """Whether the dotted ``key`` is left out of the hash: ``CHANGEABLE`` or ``NOT_HASHED``."""
+    """Whether the dotted ``key`` is left out of the hash: ``CHANGEABLE`` (but the training
+    length, ``HASHED_LENGTH``) or ``NOT_HASHED``."""
+    if _changeable(key, HASHED_LENGTH):
+        return False
     return _changeable(key, CHANGEABLE + NOT_HASHED)
 
 
