@@ -38,15 +38,15 @@ def conf(group: str, option: str) -> dict:
 
 STUDY = [  # (adv, lip, head) config options -> the study's name; the 14 combinations
     (adv, lip, head, f"{name}{' & tanh' if head == 'tanh' else ''}")
-    for adv, lip, name in [("none", "none", "J0"), ("none", "l1", "J0-Lip1"),
-                           ("none", "l2", "J0-Lip2"), ("fgsm", "none", "J1"),
-                           ("fgsm", "l1", "J1-Lip1"), ("l2", "none", "J2"),
-                           ("l2", "l2", "J2-Lip2")]
+    for adv, lip, name in [("j0", "none", "J0"), ("j0", "lip1", "J0-Lip1"),
+                           ("j0", "lip2", "J0-Lip2"), ("j1", "none", "J1"),
+                           ("j1", "lip1", "J1-Lip1"), ("j2", "none", "J2"),
+                           ("j2", "lip2", "J2-Lip2")]
     for head in ("linear", "tanh")
 ]
 
 
-def run_config(adv="none", lip="none", head="linear", model="resnet34", data="cifar10",
+def run_config(adv="j0", lip="none", head="linear", model="resnet34", data="cifar10",
                seed=0, output_dir="/runs/x", **model_fields) -> dict:
     """A resolved run config as results.json stores it, from the conf/ options."""
     return {
@@ -83,12 +83,12 @@ def test_names_of_models_data_and_runs():
     assert model_name(run_config(model="imagenet_resnet18", depth=34)) == "imagenet_resnet34"
     assert model_name(run_config(model="resnet34", cardinality=4)) == "resnext34"
     assert data_name(run_config(data="cifar100")) == "cifar100"
-    assert run_label(run_config("l2", "l2", "tanh", "resnext34")) == (
+    assert run_label(run_config("j2", "lip2", "tanh", "resnext34")) == (
         "J2-Lip2 & tanh / resnext34 / seed 0")
 
 
 def test_unknown_targets_fall_back_to_the_last_component():
-    config = run_config("l2", "l2", "tanh")
+    config = run_config("j2", "lip2", "tanh")
     config["adv"]["_target_"] = "mypkg.attacks.pgd_train"
     config["lip"]["_target_"] = "mypkg.penalties.gradient_norm"
     config["head"]["_target_"] = "mypkg.heads.Scaled"
@@ -162,14 +162,14 @@ def sweep(tmp_path):
     c = {  # job -> (config, clean, l2 median, l2 curve, linf median, linf curve, stability)
         "j0": (cfg(root, "j0"), 0.05, 0.10, [0.05, 0.3, 0.5, 0.9, 1.0, 1.0, 1.0],
                0.004, [0.05, 0.6, 0.9, 1.0], (20.0, 9.0, 700.0, 300.0, 1.5)),
-        "j1l1": (cfg(root, "j1l1", "fgsm", "l1"), 0.06, 0.30, [0.06, 0.1, 0.2, 0.6, 0.8, 0.9, 1.0],
+        "j1l1": (cfg(root, "j1l1", "j1", "lip1"), 0.06, 0.30, [0.06, 0.1, 0.2, 0.6, 0.8, 0.9, 1.0],
                  0.012, [0.06, 0.2, 0.4, 0.9], (6.0, 3.0, 200.0, 80.0, 0.5)),
-        "j2": (cfg(root, "j2", "l2"), 0.06, 0.25, [0.06, 0.1, 0.2, 0.6, 0.8, 0.9, 1.0],
+        "j2": (cfg(root, "j2", "j2"), 0.06, 0.25, [0.06, 0.1, 0.2, 0.6, 0.8, 0.9, 1.0],
                INF, [0.06, 0.1, 0.2, 0.3], (5.0, 3.0, 210.0, 70.0, 0.4)),
-        "j2l2t_s0": (cfg(root, "j2l2t_s0", "l2", "l2", "tanh"), 0.06, 0.40,
+        "j2l2t_s0": (cfg(root, "j2l2t_s0", "j2", "lip2", "tanh"), 0.06, 0.40,
                      [0.06, 0.08, 0.2, 0.4, 0.6, 0.7, 0.9], 0.010,
                      [0.06, 0.15, 0.3, 0.6], (2.0, 1.0, 100.0, 40.0, 0.2)),
-        "j2l2t_s1": (cfg(root, "j2l2t_s1", "l2", "l2", "tanh", seed=1), 0.08, 0.50,
+        "j2l2t_s1": (cfg(root, "j2l2t_s1", "j2", "lip2", "tanh", seed=1), 0.08, 0.50,
                      [0.08, 0.10, 0.3, 0.5, 0.6, 0.7, 0.9], 0.014,
                      [0.08, 0.25, 0.4, 0.7], (3.0, 2.0, 140.0, 60.0, 0.3)),
         "x_j0": (cfg(root, "x_j0", model="resnext34"), 0.04, 0.12,
@@ -179,14 +179,14 @@ def sweep(tmp_path):
     for job, (config, clean, l2m, l2c, lim, lic, stab) in c.items():
         write_run(root, job, results_json(config, clean, (l2m, l2c), (lim, lic), stab,
                                           linf_error_at=job != "j2"))
-    failed = {"status": "failed", "config": cfg(root, "j1", "fgsm"),
+    failed = {"status": "failed", "config": cfg(root, "j1", "j1"),
               "output_dir": str(root / "j1"), "started": "2026-11-25T20:00:00+00:00",
               "error": "RuntimeError: CUDA out of memory.\nTried to allocate 2 GiB",
               "finished": "2026-11-25T20:01:00+00:00"}
     write_run(root, "j1", failed)
     running = {k: v for k, v in failed.items() if k not in ("error", "finished")}
     write_run(root, "j1l1t", running | {"status": "running",
-                                         "config": cfg(root, "j1l1t", "fgsm", "l1", "tanh")})
+                                         "config": cfg(root, "j1l1t", "j1", "lip1", "tanh")})
     write_run(root, "j0t", None)  # a job that has not written results.json
     (root / "multirun.yaml").write_text("hydra: {}\n")
     return root
@@ -309,7 +309,7 @@ def test_report_csvs_and_figures(sweep):
 def test_report_flags_seeds_of_different_configs(tmp_path):
     """Two runs named J2-Lip2 with different lambdas are aggregated, but the report says so."""
     for job, lam in (("a", 0.1), ("b", 0.3)):
-        config = cfg(tmp_path, job, "l2", "l2")
+        config = cfg(tmp_path, job, "j2", "lip2")
         config["lip"]["lam"] = lam
         write_run(tmp_path, job, results_json(config, 0.1, (0.2, [0.1] * 7), (0.01, [0.1] * 4),
                                               (1, 1, 1, 1, 1)))
@@ -324,7 +324,7 @@ def test_seed_differences_that_change_no_numbers_are_not_flagged(tmp_path):
     size, loader workers, logging) and in the recipe; a completed run's max_epochs is how
     long it trained, so a difference there (and in the lambda) is flagged; the run's own
     folder in its strings is not a difference, and an empty section is no key."""
-    configs = [cfg(tmp_path, job, "l2", "l2", seed=seed) for seed, job in enumerate("ab")]
+    configs = [cfg(tmp_path, job, "j2", "lip2", seed=seed) for seed, job in enumerate("ab")]
     configs[0]["eval"] |= {"batch_size": 100, "extra": {}}
     configs[1]["eval"] |= {"batch_size": 250}
     configs[1]["data"]["num_workers"] = 4
@@ -387,7 +387,7 @@ def test_report_shows_every_attack_of_the_runs(tmp_path):
     runs = {  # job -> (defence options, seed, extra attacks)
         "j0_s0": ((), 0, {"l2_deepfool": deepfool(0.3), "linf_autoattack": autoattack(0.42)}),
         "j0_s1": ((), 1, {"l2_deepfool": deepfool(0.5), "linf_autoattack": autoattack(0.40)}),
-        "j2": (("l2",), 0, {"l2_deepfool": deepfool(0.7)}),
+        "j2": (("j2",), 0, {"l2_deepfool": deepfool(0.7)}),
     }
     for job, (options, seed, extra) in runs.items():
         results = results_json(cfg(tmp_path, job, *options, seed=seed), 0.1, (0.2, [0.1] * 7),
@@ -435,7 +435,7 @@ def test_runs_of_lipexp_0_1_are_reported_with_todays(make_cfg, tmp_path):
     old = json.loads((Path(__file__).parent / "data" / "results_lipexp_0.1.json").read_text())
     write_run(tmp_path, "old", old)
     run(make_cfg("adv=j1", "lip=lip1", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
-                 "eval.n_images=20", "attacks=[l2_pgd,linf_pgd,deepfool]",
+                 "eval.n_images=20", "attacks=[l2_pgd,linf_pgd,l2_deepfool]",
                  "attacks.l2_pgd.steps=3", "attacks.linf_pgd.steps=3", "attacks.l2_pgd.targets=1",
                  "attacks.linf_pgd.targets=1", "eval.grid_points=8", "model.width=8",
                  "eval.lipschitz=false", "logger=none", "seed=1", output_dir=tmp_path / "new"))
@@ -455,7 +455,7 @@ def test_the_stability_table_shows_the_lipschitz_analysis(tmp_path):
     """Lower bound, upper bound, their ratio and the certified median per defence; the best
     (lowest constants, largest radius) in bold."""
     for job, options, (lower, upper, radius) in [("j0", (), (2.0, 900.0, 0.001)),
-                                                 ("j2", ("l2", "l2"), (0.5, 300.0, 0.004))]:
+                                                 ("j2", ("j2", "lip2"), (0.5, 300.0, 0.004))]:
         results = results_json(cfg(tmp_path, job, *options), 0.1, (0.2, [0.1] * 7),
                                (0.01, [0.1] * 4), (1, 1, 1, 1, 1))
         results["lipschitz"] = {"upper_bound_l2": upper, "ratio": upper / lower,
