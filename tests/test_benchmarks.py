@@ -121,12 +121,16 @@ def test_fd_accuracy_benchmark_tiny_run_writes_its_json(make_cfg, tmp_path, one_
     assert ratios["fd_attack"]["batch_max"]["max"] < 1.1, ratios["fd_attack"]
 
 
+def load_script(name: str, file: str):
+    """The script ``benchmarks/<file>`` as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check",
-                                                  REPO / "benchmarks" / "gpu_check.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_script("gpu_check", "gpu_check.py")
 
 
 def test_gpu_check_cpu_dry_run_runs_every_part(tmp_path, one_thread):
@@ -243,11 +247,7 @@ def test_gpu_check_exit_status_and_markdown_without_numbers(tmp_path):
 
 
 def load_tables():
-    spec = importlib.util.spec_from_file_location("bench_tables",
-                                                  REPO / "benchmarks" / "tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_tables", "tables.py")
 
 
 def test_docs_benchmark_tables_are_generated_from_the_results():
