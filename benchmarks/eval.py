@@ -39,14 +39,9 @@ PROTOCOLS = {"default": ["l2_pgd", "linf_pgd"], "full": ["l2_pgd_full", "linf_pg
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from lipexp.config.root import compose as compose_root
 
-    from lipexp.config.schema import register
-
-    register()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+    return compose_root("config", overrides)
 
 
 def attacks_of(protocol: str):

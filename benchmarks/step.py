@@ -243,12 +243,8 @@ def make_paired_timer(net, opt, settings, autocast, clock, warmup, with_hand: bo
 
 
 def compose(model: str, defence: str, head: str, args) -> object:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from lipexp.config.root import compose as compose_root
 
-    from lipexp.config.schema import register
-
-    register()
     choice, extra, shape = MODELS[model]
     data = "mnist" if shape[0] == 1 else "cifar10"
     overrides = [f"data={data}", f"model={choice}", f"head={head}", *DEFENCES[defence], *extra,
@@ -263,8 +259,7 @@ def compose(model: str, defence: str, head: str, args) -> object:
         overrides.append("+model.compile=true")
     if args.channels_last:
         overrides.append("+model.channels_last=true")
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+    return compose_root("config", overrides)
 
 
 def _quartiles(values: list[float]) -> list[float] | None:

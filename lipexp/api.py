@@ -25,7 +25,6 @@ from lipexp.model_state import eval_mode, frozen_parameters
 from lipexp.runs.checkpoint import RunCheckpoint, load_run_checkpoint, load_weights
 from lipexp.runs.folder import RunFolder, RunFolderError, read_results
 
-CONF = Path(__file__).resolve().parents[1] / "conf"  # the repository's, beside run.py
 DISTANCES = "distances.npz"  # lipexp.evaluation.evaluate.write_outputs, in the run folder
 # distances.npz arrays that are not adversarial distances: the test-set index of each
 # evaluated image, and the certified radii (lower bounds, not found examples)
@@ -247,11 +246,10 @@ def _evaluator(names: list[str], settings: Mapping[str, Any]):
     """lipexp.evaluation.runner.Evaluator of conf/eval/default.yaml and the attacks
     ``names`` of conf/attacks/, composed by Hydra, with ``settings`` merged in (see
     ``evaluate``); ValueError for an unknown attack or setting, or one out of range."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import InstantiationException
     from omegaconf import OmegaConf
 
-    from lipexp.config.schema import register
+    from lipexp.config.root import CONF, compose
     from lipexp.runs.build import build_evaluator
 
     available = sorted(p.stem for p in (CONF / "attacks").glob("*.yaml"))
@@ -260,9 +258,7 @@ def _evaluator(names: list[str], settings: Mapping[str, Any]):
     require(not unknown, f"no such attack {', '.join(map(str, unknown))}; conf/attacks/ has: "
             f"{', '.join(available)}")
     require(len(set(names)) == len(names), f"an attack named twice: {names}")
-    register()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"attacks=[{','.join(names)}]"])
+    cfg = compose("config", [f"attacks=[{','.join(names)}]"])
     settings = {"lipschitz": False, **settings}
     for key, value in settings.items():
         if key in cfg.attacks:  # the attack's own settings (its node of conf/attacks/)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from lipexp.cli.errors import ERRORS, one_line
 from lipexp.config.overrides import hydra_quoted, override_key, under
+from lipexp.config.root import CONF, compose
 
-CONF = Path(__file__).resolve().parents[2] / "conf"  # the repository's, beside run.py
 # The settings a re-evaluation takes from its own command line, with their sub-keys; the
 # checkpoint's config decides the rest (lipexp.runs.reevaluate.EVALUATION).
 EVALUATION = ("eval", "attacks", "logger")  # logger=none: no logger for the evaluation
@@ -51,14 +51,9 @@ def eval_command(target: Path, overrides: list[str]) -> dict:
     folder = next((paths[k] for k in OUTPUT if k in paths), None)
     composed = [o for o in given if not _run_attack_setting(o, given)]
     composed += [f"{k}={hydra_quoted(v)}" for k, v in paths.items() if k not in OUTPUT]
-    from hydra import compose, initialize_config_dir  # imported now: torch loads slowly
+    from lipexp.runs.reevaluate import plan_evaluation, run_plan  # now: torch loads slowly
 
-    from lipexp.config.schema import register
-    from lipexp.runs.reevaluate import plan_evaluation, run_plan
-
-    register()
-    with initialize_config_dir(config_dir=str(CONF), job_name="evaluate", version_base="1.3"):
-        cfg = compose("evaluate", overrides=[*composed, "ckpt_path=''"])
+    cfg = compose("evaluate", [*composed, "ckpt_path=''"], job_name="evaluate")
     cfg.ckpt_path = str(target)
     plan = plan_evaluation(cfg, given, folder=folder)
     with _console_log():

@@ -207,8 +207,12 @@ def _to_0_5(results: dict) -> None:
 
 
 def _to_0_6(results: dict) -> None:
-    """lipexp 0.6: the package's modules moved (``MOVED_MODULES``)."""
-    for section in _sections(_node(results, "config")):
+    """lipexp 0.6: the package's modules moved (``MOVED_MODULES``); the ``mode`` switch
+    went (an evaluation has its own task, evaluate.py: what a results.json's config held
+    was always ``train``, the training run's)."""
+    config = _node(results, "config")
+    config.pop("mode", None)
+    for section in _sections(config):
         if isinstance(section.get("_target_"), str):
             section["_target_"] = _moved(section["_target_"])
 

@@ -20,8 +20,9 @@ from lipexp.config.identity import run_name, skipped
 
 
 def run_dirname(override_dirname: str, max_len: int = 120) -> str:
-    """Folder name of a ``mode=eval`` job of a multirun (``sweep_subdir``): its command-line
-    overrides (``default`` when there are none).
+    """Folder name of an evaluation job of a multirun (``python evaluate.py -m``, whose
+    config is not the run's: conf/evaluate.yaml): its command-line overrides (``default``
+    when there are none).
 
     Names longer than ``max_len`` (file systems stop at 255 bytes) keep their start and end
     a hash of the whole, so the same command still finds the same folder; the full list
@@ -35,10 +36,10 @@ def run_dirname(override_dirname: str, max_len: int = 120) -> str:
 
 
 def eval_dirname(ckpt_path: str | None, attacks: Any, stamp: str) -> str:
-    """The folder of ``mode=eval``: ``<run>/eval/<attack>+<attack>-<stamp>`` beside the
-    evaluated checkpoint's run (``<run>/checkpoints/x.ckpt``; else the checkpoint's own
-    folder), so that an evaluation never writes into the training run's files, and a new
-    one never into an older one's."""
+    """The folder of an evaluation (evaluate.py, ``lipexp eval``):
+    ``<run>/eval/<attack>+<attack>-<stamp>`` beside the evaluated checkpoint's run
+    (``<run>/checkpoints/x.ckpt``; else the checkpoint's own folder), so that an evaluation
+    never writes into the training run's files, and a new one never into an older one's."""
     from pathlib import Path
 
     if not ckpt_path:
@@ -75,24 +76,14 @@ def _identity_config(node: DictConfig, prefix: str = "") -> dict:
     return plain
 
 
-def _is_eval(mode: Any) -> bool:
-    return getattr(mode, "value", mode) == "eval"  # the Mode enum, or its name
-
-
-def run_dir(mode: str, ckpt_path: str | None, attacks: Any, stamp: str, *,
-            _root_: DictConfig) -> str:
-    """A job's folder: ``outputs/<run_name>`` for training (``_root_``: the job's whole
-    config, which OmegaConf passes), ``eval_dirname`` for ``mode=eval``."""
-    if _is_eval(mode):
-        return eval_dirname(ckpt_path, attacks, stamp)
+def run_dir(*, _root_: DictConfig) -> str:
+    """A training run's folder, ``outputs/<run_name>`` (``_root_``: the job's whole config,
+    which OmegaConf passes)."""
     return f"outputs/{run_name(_identity_config(_root_))}"
 
 
-def sweep_subdir(mode: str, override_dirname: str, *, _root_: DictConfig) -> str:
-    """A multirun job's folder under ``hydra.sweep.dir``: ``run_name`` for training, the
-    job's overrides (``run_dirname``) for ``mode=eval``, whose config is not the run's."""
-    if _is_eval(mode):
-        return run_dirname(override_dirname)
+def sweep_subdir(*, _root_: DictConfig) -> str:
+    """A training job's folder under ``hydra.sweep.dir``: its ``run_name``."""
     return run_name(_identity_config(_root_))
 
 

@@ -44,11 +44,6 @@ class Direction(str, Enum):
     point = "point"  # the gradient at the point of the estimate: one more backward pass
 
 
-class Mode(str, Enum):
-    train = "train"  # train, then evaluate
-    eval = "eval"  # evaluate the checkpoint at ckpt_path with its own config
-
-
 @dataclass
 class NoAdvConfig:
     """J0: no adversarial perturbation."""
@@ -100,11 +95,7 @@ class LipConfig:
     def __post_init__(self) -> None:
         require(self.h > 0, f"lip.h (the finite-difference step, l2 size in pixels) must be "
                 f"> 0, got {self.h}")
-        require(not self.reuse_adv_gradient or self.method is Method.fd,
-                f"lip.reuse_adv_gradient=true needs lip.method=fd, got {self.method.value}")
-        require(not (self.reuse_adv_gradient and self.direction is Direction.point),
-                "lip.reuse_adv_gradient=true takes fd's direction from the attack's train-mode "
-                "gradient; it cannot be combined with lip.direction=point")
+        # fd's combinations with the attack and the trainer: lipexp.defences.compose.check_fd
         require(self.dual_norm in (1, 2), f"lip.dual_norm must be 1 (Lip1, dual of l-infinity) "
                 f"or 2 (Lip2, dual of l2), got {self.dual_norm}")
         require(self.lam >= 0, f"lip.lam must be >= 0, got {self.lam}")
@@ -112,6 +103,13 @@ class LipConfig:
             self.target is None or self.target >= 0,
             f"lip.target (hinge target L0) must be >= 0 or null, got {self.target}",
         )
+
+
+def lip_config(node: Any) -> "LipConfig | NoLipConfig":
+    """The typed lip config of a run's ``lip`` node (typed already, or a checkpoint's plain
+    config: a penalty has ``dual_norm``), its checks run."""
+    schema = LipConfig if "dual_norm" in node else NoLipConfig
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
 
 
 @dataclass
@@ -201,11 +199,10 @@ class Config:
     callbacks: Any = field(default_factory=dict)
     eval: Any = MISSING
     attacks: Any = field(default_factory=dict)  # name -> attack (conf/attacks/)
-    ckpt_path: str | None = None  # mode=eval: the checkpoint to evaluate
+    ckpt_path: str | None = None  # evaluate.py: the checkpoint to evaluate
     paths: Any = MISSING
     seed: int = 0
     resume: bool = False  # continue this run's folder from its last.ckpt
-    mode: Mode = Mode.train
     name: str = "lipexp"  # run and sweep name (W&B group, folder names)
 
 

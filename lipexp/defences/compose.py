@@ -1,20 +1,24 @@
 """The training step's objective when the fd penalty meets an attack (docs/method.md,
-"Finite-difference estimate of the gradient norm"): ``compose`` turns the run's
-``(perturb, objective)`` partials into what the step runs, and holds the two objectives that
-share the attack's passes (``attack_fd_objective``, ``adversarial_fd_objective``) and the
-refusals of settings that cannot share them. Above both the estimator
-(``lipexp.defences.fd``) and the penalty (``lipexp.defences.penalty``), so
-neither imports the other's callers.
+"Finite-difference estimate of the gradient norm"), and every refusal of fd settings.
+
+``compose`` turns the run's ``(perturb, objective)`` partials and its typed ``LipConfig``
+into what the step runs; the two objectives that share the attack's passes
+(``attack_fd_objective``, ``adversarial_fd_objective``) are here, and ``check_fd`` holds
+each setting fd cannot run with, checked when the module is built, before any data is
+read. Only what needs a forward pass to be seen (a batch norm layer called twice, a
+SyncBatchNorm inside a custom model) is refused later, by lipexp.defences.batch_stats.
+Above both the estimator (``lipexp.defences.fd``) and the penalty
+(``lipexp.defences.penalty``), so neither imports the other's callers.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from lipexp.config.schema import Direction, Method
+from lipexp.config.schema import Direction, LipConfig, Method
 from lipexp.defences.adversarial import (
     STEPS,
     input_gradient,
@@ -32,7 +36,8 @@ from lipexp.defences.fd import (
     unit_direction,
 )
 from lipexp.defences.grad_norms import GradNorms
-from lipexp.defences.penalty import penalized, penalized_cross_entropy
+from lipexp.defences.penalty import penalized
+from lipexp.errors import require
 
 
 def adversarial_fd_objective(model: nn.Module, x: Tensor, y: Tensor, eps: float, clip: bool,
@@ -83,62 +88,83 @@ def attack_fd_objective(model: nn.Module, x: Tensor, y: Tensor, step: Callable, 
     return penalized(est, y, n=x[0].numel(), **penalty)
 
 
-def _penalty_settings(objective: Callable) -> tuple[dict, float, object]:
-    """``(settings of penalized, h, direction)`` from a ``penalized_cross_entropy`` partial's
-    keywords: the fd-only keys taken out."""
-
-    settings = dict(objective.keywords)
-    for key in ("method", "reuse_adv_gradient"):
-        settings.pop(key, None)
-    return (settings, settings.pop("h", 0.01),
-            Direction(settings.pop("direction", Direction.attack)))
+def penalty_settings(lip: LipConfig) -> dict:
+    """The keyword settings of ``penalized`` in ``lip``: its fd-only fields left out."""
+    return {"dual_norm": lip.dual_norm, "lam": lip.lam, "lam_over_sqrt_n": lip.lam_over_sqrt_n,
+            "scaling": lip.scaling, "target": lip.target, "squared": lip.squared}
 
 
-def compose(perturb: Callable, objective: Callable) -> tuple[Callable, Callable]:
+# trainer.precision values whose weights are half precision: fd's step h d rounds away
+HALF_WEIGHTS = ("16-true", "bf16-true", "transformer-engine", "transformer-engine-float16")
+# the attack steps fd can share passes with, by the dual norm of their direction
+SHARED_STEPS = {l2_gradient_step: (2, "adv=j2 with lip=lip2"),
+                signed_gradient_step: (1, "adv=j1 with lip=lip1")}
+
+
+def check_fd(lip: object, perturb: Callable, trainer: Mapping | None = None) -> None:
+    """ValueError for a setting the fd penalty cannot run with: ``lip.reuse_adv_gradient``
+    without fd, with ``lip.direction=point``, with an attack whose direction is not the
+    penalty's (J2 pairs with Lip2, J1 with Lip1) or with ``lip.h`` unequal to ``adv.eps``
+    (its adversarial image is ``x + h d``); and, of the ``trainer`` settings when given,
+    SyncBatchNorm (fd holds each rank's statistics fixed; the shared passes do not),
+    half-precision weights (the step ``h d`` is rounded away) and DeepSpeed (its own
+    backward pass, which TF32 would enter). ``lip``: the run's typed lip config
+    (``NoLipConfig``: nothing to check)."""
+    if not isinstance(lip, LipConfig):
+        return
+    fd = lip.method is Method.fd
+    require(not lip.reuse_adv_gradient or fd,
+            f"lip.reuse_adv_gradient=true needs lip.method=fd, got {lip.method.value}")
+    if not fd:
+        return
+    if lip.reuse_adv_gradient:
+        require(lip.direction is not Direction.point,
+                "lip.reuse_adv_gradient=true takes fd's direction from the attack's train-mode "
+                "gradient; it cannot be combined with lip.direction=point")
+        func = getattr(perturb, "func", perturb)
+        require(func in SHARED_STEPS and SHARED_STEPS[func][0] == lip.dual_norm,
+                "lip.reuse_adv_gradient=true shares the attack's direction with the penalty's: "
+                "use adv=j2 with lip.dual_norm=2 or adv=j1 with lip.dual_norm=1 (got "
+                f"{getattr(func, '__name__', func)} and dual_norm={lip.dual_norm})")
+        eps = perturb.keywords["eps"]
+        require(math.isclose(lip.h, eps, rel_tol=1e-12),
+                f"lip.reuse_adv_gradient=true: the adversarial image is x + h d, so lip.h must "
+                f"equal adv.eps (got lip.h={lip.h}, adv.eps={eps}); set lip.h={eps}")
+    if trainer is None:
+        return
+    require(not (trainer.get("sync_batchnorm") and not lip.reuse_adv_gradient),
+            "trainer.sync_batchnorm=true cannot be combined with lip.method=fd: the finite "
+            "difference holds each rank's batch statistics fixed (docs/method.md). Keep batch "
+            "normalization per rank (trainer.sync_batchnorm=false), or share J1/J2's passes "
+            "(lip.reuse_adv_gradient=true), whose passes each use their own statistics.")
+    precision = str(trainer.get("precision"))
+    require(precision not in HALF_WEIGHTS,
+            f"trainer.precision={precision} cannot be combined with lip.method=fd: the finite "
+            "difference needs float32 weights (the step h d is rounded away in half "
+            "precision). Use trainer.precision=bf16-mixed or 16-mixed, whose fd passes run in "
+            "float32.")
+    require("deepspeed" not in str(trainer.get("strategy")),
+            "trainer.strategy=deepspeed cannot be combined with lip.method=fd: DeepSpeed runs "
+            "its own backward pass, which TF32 would enter (fd's backward needs full float32: "
+            "docs/method.md)")
+
+
+def compose(perturb: Callable, objective: Callable, lip: object) -> tuple[Callable, Callable]:
     """``(perturb, objective)`` as the training step runs them (partials as Hydra builds
-    them). The fd penalty with J1/J2 uses the attack's gradient: ``lip.reuse_adv_gradient``
-    shares its passes (``share_adversarial_passes``), ``lip.direction=attack`` its direction
+    them; ``lip`` the run's typed lip config, ``OmegaConf.to_object(cfg.lip)``). The fd
+    penalty with J1/J2 uses the attack's gradient: ``lip.reuse_adv_gradient`` shares its
+    passes (``adversarial_fd_objective``), ``lip.direction=attack`` its direction
     (``attack_fd_objective``); both then take the clean batch (``perturb`` passes it
-    through). Anything else is returned as it is."""
-
-    keywords = getattr(objective, "keywords", {})
-    if (getattr(objective, "func", None) is not penalized_cross_entropy
-            or Method(keywords.get("method", Method.exact)) is not Method.fd):
+    through). Anything else is returned as it is. ValueError from ``check_fd``."""
+    check_fd(lip, perturb)
+    if not isinstance(lip, LipConfig) or lip.method is not Method.fd:
         return perturb, objective
-    if keywords.get("reuse_adv_gradient"):
-        return share_adversarial_passes(perturb, objective)
-    settings, h, direction = _penalty_settings(objective)
     step = STEPS.get(getattr(perturb, "func", perturb))
-    if step is None or direction is Direction.point:
+    if step is None or (lip.direction is Direction.point and not lip.reuse_adv_gradient):
         return perturb, objective  # J0, or d at the point: the estimator alone
     eps, clip = perturb.keywords["eps"], perturb.keywords.get("clip", True)
-    return no_perturbation, partial(attack_fd_objective, step=step, eps=eps, clip=clip, h=h,
-                                    **settings)
-
-
-def share_adversarial_passes(perturb: Callable, objective: Callable) -> tuple[Callable, Callable]:
-    """``(perturb, objective)`` of a run with ``lip.reuse_adv_gradient=true`` (partials as Hydra
-    builds them): the clean batch passes through and ``adversarial_fd_objective`` makes the
-    J1/J2 step and the penalty. Refuses what it cannot share: no attack step (J0), an
-    attack whose direction is not the penalty's (J2 pairs with Lip2, J1 with Lip1), or
-    ``lip.h`` different from ``adv.eps`` (the adversarial image must be ``x + h d``)."""
-
-    settings, h, direction = _penalty_settings(objective)
-    if direction is Direction.point:
-        raise ValueError("lip.reuse_adv_gradient=true takes the direction from the attack's "
-                         "train-mode gradient; it cannot be combined with lip.direction=point")
-    pairs = {l2_gradient_step: (2, "adv=j2 with lip=lip2"),
-             signed_gradient_step: (1, "adv=j1 with lip=lip1")}
-    func = getattr(perturb, "func", perturb)
-    if func not in pairs or pairs[func][0] != settings["dual_norm"]:
-        raise ValueError("lip.reuse_adv_gradient=true shares the attack's direction with the "
-                         "penalty's: use adv=j2 with lip.dual_norm=2 or adv=j1 with "
-                         f"lip.dual_norm=1 (got {getattr(func, '__name__', func)} and "
-                         f"dual_norm={settings['dual_norm']})")
-    eps, clip = perturb.keywords["eps"], perturb.keywords.get("clip", True)
-    if not math.isclose(h, eps, rel_tol=1e-12):
-        raise ValueError(f"lip.reuse_adv_gradient=true: the adversarial image is x + h d, so "
-                         f"lip.h must equal adv.eps (got lip.h={h}, adv.eps={eps}); set "
-                         f"lip.h={eps}")
-    fused = partial(adversarial_fd_objective, eps=eps, clip=clip, **settings)
-    return no_perturbation, fused
+    if lip.reuse_adv_gradient:
+        return no_perturbation, partial(adversarial_fd_objective, eps=eps, clip=clip,
+                                        **penalty_settings(lip))
+    return no_perturbation, partial(attack_fd_objective, step=step, eps=eps, clip=clip,
+                                    h=lip.h, **penalty_settings(lip))

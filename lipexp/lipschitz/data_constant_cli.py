@@ -16,15 +16,9 @@ from lipexp.lipschitz.data_constant import DEFAULT_MEMORY, SPLITS, data_constant
 def compose(overrides: Sequence[str]):
     """The run config for ``overrides``, composed from the repository's conf/ as run.py
     does, with Hydra's node (for the chosen data option)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from lipexp.config.root import compose as compose_root
 
-    from lipexp.config.schema import register
-
-    register()
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+    return compose_root("config", overrides, return_hydra_config=True)
 
 
 def load_arrays(cfg) -> ImageArrays:

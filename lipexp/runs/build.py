@@ -8,9 +8,9 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lipexp.config.schema import as_plain_dict
+from lipexp.config.schema import as_plain_dict, lip_config
 from lipexp.data.datamodule import ImageDataModule
-from lipexp.defences.compose import compose
+from lipexp.defences.compose import check_fd, compose
 from lipexp.defences.penalty import needs_double_backward
 from lipexp.errors import require
 from lipexp.evaluation.runner import Evaluator
@@ -29,10 +29,11 @@ def build_module(cfg: DictConfig) -> RobustClassifier:
     # Speed options of the model (+model.channels_last, +model.compile): the module's, not
     # the constructor's.
     options = {k: bool(model_cfg.pop(k, False)) for k in MODEL_OPTIONS}
-    perturb, objective = instantiate(cfg.adv), instantiate(cfg.lip)
-    # fd with J1/J2 takes the clean batch and the attack's gradient (reuse_adv_gradient is
-    # refused if it cannot share); anything else is returned as it is.
-    perturb, objective = compose(perturb, objective)
+    perturb, objective, lip = instantiate(cfg.adv), instantiate(cfg.lip), lip_config(cfg.lip)
+    check_fd(lip, perturb, cfg.trainer)  # every fd refusal, before any data is read
+    # fd with J1/J2 takes the clean batch and the attack's gradient; anything else is
+    # returned as it is.
+    perturb, objective = compose(perturb, objective, lip)
     if options["compile"] and cfg.lip.get("method") == "fd" \
             and not cfg.lip.get("reuse_adv_gradient"):
         warnings.warn("model.compile=true with lip.method=fd: the penalty's passes run on the "
@@ -102,27 +103,6 @@ def build_trainer(cfg: DictConfig, module: RobustClassifier,
             "(lip.method=exact): PyTorch has no double backward through SyncBatchNorm. Keep "
             "batch normalization per rank (trainer.sync_batchnorm=false) or use lip=none."
         )
-    fd = cfg.lip.get("method") == "fd"
-    if cfg.trainer.get("sync_batchnorm") and fd and not cfg.lip.get("reuse_adv_gradient"):
-        raise ValueError(
-            "trainer.sync_batchnorm=true cannot be combined with lip.method=fd: the finite "
-            "difference holds each rank's batch statistics fixed (docs/method.md). Keep batch "
-            "normalization per rank (trainer.sync_batchnorm=false), or share J1/J2's passes "
-            "(lip.reuse_adv_gradient=true), whose passes each use their own statistics."
-        )
-    precision = str(cfg.trainer.get("precision"))
-    half_weights = ("16-true", "bf16-true", "transformer-engine", "transformer-engine-float16")
-    if fd and precision in half_weights:
-        raise ValueError(
-            f"trainer.precision={precision} cannot be combined with lip.method=fd: the finite "
-            "difference needs float32 weights (the step h d is rounded away in half "
-            "precision). Use trainer.precision=bf16-mixed or 16-mixed, whose fd passes run in "
-            "float32."
-        )
-    if fd and "deepspeed" in str(cfg.trainer.get("strategy")):
-        raise ValueError("trainer.strategy=deepspeed cannot be combined with lip.method=fd: "
-                         "DeepSpeed runs its own backward pass, which TF32 would enter "
-                         "(fd's backward needs full float32: docs/method.md)")
     check_slurm_tasks(cfg.trainer.get("strategy"), cfg.trainer.get("devices"),
                       cfg.trainer.get("num_nodes", 1))
     unlimited = cfg.trainer.get("max_epochs") in (None, -1)  # Lightning: -1 = no limit

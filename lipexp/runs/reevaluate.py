@@ -171,12 +171,12 @@ def _refuse_to_overwrite(folder: RunFolder) -> None:
     """RunFolderError where ``folder`` holds a training run or a completed evaluation."""
     previous = read_results(folder.results)
     if folder.checkpoints() or (previous is not None and previous.get("mode") != "eval"):
-        raise RunFolderError(f"{folder.path} holds a training run: mode=eval writes its own "
-                             "folder (the default, <run>/eval/<attacks>-<time>, or "
-                             "hydra.run.dir=ANOTHER_FOLDER)")
+        raise RunFolderError(f"{folder.path} holds a training run: an evaluation writes its "
+                             "own folder (the default, <run>/eval/<attacks>-<time>, or "
+                             "paths.output_dir=ANOTHER_FOLDER)")
     if previous is not None and previous.get("status") == "completed":
         raise RunFolderError(f"{folder.path} holds a completed evaluation; choose another "
-                             "folder (hydra.run.dir=...) or delete it")
+                             "folder (paths.output_dir=...) or delete it")
 
 
 def _evaluate(plan: EvaluationPlan, results: dict[str, Any]) -> None:
