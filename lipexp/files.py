@@ -19,8 +19,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# keys whose null results.json documents (an unbroken median, and the gaps computed from one)
-EXPLAINED_NULLS = ("median", "median_gap", "reference_median")
+# keys whose null results.json documents (an unbroken median, the gaps computed from one,
+# and a median interval's bound: +inf when the resampled medians are unbroken)
+EXPLAINED_NULLS = ("median", "median_gap", "reference_median", "median_interval[0]",
+                   "median_interval[1]")
 
 
 def _umask() -> int:

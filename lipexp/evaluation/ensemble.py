@@ -13,6 +13,7 @@ import numpy as np
 
 from lipexp.attacks.distance import DistanceAttack
 from lipexp.attacks.threat import Norm
+from lipexp.evaluation.intervals import optimality
 
 
 def ensemble(attacks: Mapping[str, DistanceAttack], distances: Mapping[str, np.ndarray]
@@ -33,6 +34,20 @@ def ensemble(attacks: Mapping[str, DistanceAttack], distances: Mapping[str, np.n
         decided = (d > 0) & np.isfinite(d)
         out[norm] = d, {name: int((decided & (distances[name] == d)).sum()) for name in names}
     return out
+
+
+def headline_gaps(results: Mapping, distances: Mapping[str, np.ndarray], best: np.ndarray,
+                  best_count: Mapping[str, int]) -> dict[str, dict[str, float | None]]:
+    """Beside the best known median (the headline), each attack ``a`` of the norm: its gap
+    ``median_a / median_best - 1`` (>= 0; None when a median is 0 or +inf; its own median
+    is ``results["attacks"][a]["median"]``) and its ``optimality`` (intervals.py: 1.0 = the
+    best example for every image)."""
+    best_median = float(np.sort(best)[int(np.ceil(best.size / 2)) - 1])  # the lower median
+    medians = {a: results["attacks"][a].get("median") for a in best_count}
+    gap = {a: (m / best_median - 1.0 if m is not None and np.isfinite(m) and m > 0
+               and 0 < best_median < np.inf else None) for a, m in medians.items()}
+    return {"gap": gap,
+            "optimality": {a: optimality(distances[a], best) for a in best_count}}
 
 
 ENSEMBLE_LABEL = "ensemble"  # the curve's name in the figure and the CSV: "ensemble l2"

@@ -28,7 +28,13 @@ from lipexp.evaluation.certification import certified_curves, lipschitz_results,
 from lipexp.evaluation.checks import run_checks
 from lipexp.evaluation.cost import Cost, counting
 from lipexp.evaluation.curves import error_at, summarize
-from lipexp.evaluation.ensemble import ensemble, ensemble_curves
+from lipexp.evaluation.ensemble import ensemble, ensemble_curves, headline_gaps
+from lipexp.evaluation.intervals import (
+    DESCRIPTION,
+    error_at_intervals,
+    proportion_interval,
+    with_intervals,
+)
 from lipexp.evaluation.plots import plot_error_curves, write_curves_csv
 from lipexp.evaluation.stability import reduce_statistics, stability_statistics
 from lipexp.files import save_npz_atomic
@@ -108,7 +114,8 @@ def evaluate(
     results: dict[str, Any] = {
         # the clean error of the evaluated images (results["clean"] is the whole test split's)
         "evaluation": {"n_images": len(x), "clean_error": clean_wrong.double().mean().item(),
-                       "batch_size": batch_size, "bf16": bf16,
+                       "clean_error_interval": proportion_interval(clean_wrong.numpy()),
+                       "intervals": DESCRIPTION, "batch_size": batch_size, "bf16": bf16,
                        "cost": _total_costs(parts, len(x))},
         "attacks": {},
         "stability": reduce_statistics(per_example),
@@ -117,16 +124,19 @@ def evaluate(
     for name, attack in attacks.items():
         entry: dict[str, Any] = {"norm": attack.norm.value}
         if attack.fixed_size is None:
-            entry |= summarize(d[name], error_at_sizes[attack.norm], num=grid_points)
+            sizes = error_at_sizes[attack.norm]
+            entry |= with_intervals(summarize(d[name], sizes, num=grid_points), d[name], sizes)
         else:
             entry |= {"eps": attack.fixed_size, "n_images": len(x),
-                      "error_at": error_at(d[name], [attack.fixed_size])}
+                      "error_at": error_at(d[name], [attack.fixed_size]),
+                      "error_at_interval": error_at_intervals(d[name], [attack.fixed_size])}
         entry["settings"] = attack.settings()
         results["attacks"][name] = entry
     best = ensemble(attacks, d)
     results["ensemble"] = {
-        norm.value: summarize(dist, error_at_sizes[norm], num=grid_points)
-        | {"attacks": list(count), "best_count": count}
+        norm.value: with_intervals(summarize(dist, error_at_sizes[norm], num=grid_points),
+                                   dist, error_at_sizes[norm])
+        | {"attacks": list(count), "best_count": count} | headline_gaps(results, d, dist, count)
         for norm, (dist, count) in best.items()}
     ensemble_d = {f"ensemble_{norm.value}": dist for norm, (dist, _) in best.items()}
     results["checks"] = run_checks(attacks, d, per_example, clean_wrong)

@@ -2,7 +2,8 @@
 protocol"), and the one drawing of an error curve that the run figure and the report share.
 
 ``curves`` maps an attack name to ``{"norm": "l2" | "linf", "curve": {"eps": [...],
-"error": [...]}}`` (and optionally ``"style"``, matplotlib line settings), the curve being
+"error": [...]}}`` (the curve optionally with its 95% band ``"low"``, ``"high"``; and
+optionally ``"style"``, matplotlib line settings), the curve being
 ``summarize(...)["curve"]`` of curves.py (errors are fractions; the figures show %). Files
 are written atomically (lipexp.files.atomic_path).
 """
@@ -31,7 +32,9 @@ def draw_error_curve(ax: Axes, curve: dict, label: str | None = None, clean_mark
     A step curve (``C`` holds its value from one grid size to the next) over the positive
     sizes; eps = 0 cannot sit on a log axis, so ``C(0)`` (the clean error of the attacked
     images) is appended to ``label`` as "(C(0) x%)" and, with ``clean_marker``, marked by a
-    triangle on the axes' left edge. ``style``: matplotlib line settings (color, ls, lw, ...).
+    triangle on the axes' left edge. With the curve's 95% band (``"low"``, ``"high"``:
+    intervals.curve_band) the band is shaded in the line's colour. ``style``: matplotlib
+    line settings (color, ls, lw, ...).
     """
     eps = np.asarray(curve["eps"], dtype=float)
     error = 100 * np.asarray(curve["error"], dtype=float)
@@ -39,6 +42,10 @@ def draw_error_curve(ax: Axes, curve: dict, label: str | None = None, clean_mark
     if label is not None and clean.size:
         label += f" (C(0) {clean[0]:.1f}%)"
     (line,) = ax.step(eps[eps > 0], error[eps > 0], where="post", label=label, **style)
+    if "low" in curve and "high" in curve:
+        low, high = (100 * np.asarray(curve[k], dtype=float)[eps > 0] for k in ("low", "high"))
+        ax.fill_between(eps[eps > 0], low, high, step="post", color=line.get_color(),
+                        alpha=0.15, lw=0, zorder=line.get_zorder() - 0.5)
     if clean_marker and clean.size:
         edge = blended_transform_factory(ax.transAxes, ax.transData)  # x: axes, y: data
         ax.plot(0, clean[0], ">", color=line.get_color(), transform=edge, clip_on=False)
@@ -72,10 +79,16 @@ def plot_error_curves(curves: dict[str, dict], path: str | os.PathLike, title: s
 
 
 def write_curves_csv(curves: dict[str, dict], path: str | os.PathLike) -> None:
-    """Rows ``attack,norm,eps,error`` (error as a fraction), one per attack and size."""
+    """Rows ``attack,norm,eps,error,error_low,error_high`` (errors as fractions; the bounds
+    of the 95% band, empty for a curve without one), one per attack and size."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["attack", "norm", "eps", "error"])
+        writer.writerow(["attack", "norm", "eps", "error", "error_low", "error_high"])
         for name, c in curves.items():
-            for eps, error in zip(c["curve"]["eps"], c["curve"]["error"]):
-                writer.writerow([name, c["norm"], repr(float(eps)), repr(float(error))])
+            curve = c["curve"]
+            n = len(curve["eps"])
+            low, high = curve.get("low", [None] * n), curve.get("high", [None] * n)
+            for eps, error, lo, hi in zip(curve["eps"], curve["error"], low, high):
+                writer.writerow([name, c["norm"], repr(float(eps)), repr(float(error)),
+                                 "" if lo is None else repr(float(lo)),
+                                 "" if hi is None else repr(float(hi))])

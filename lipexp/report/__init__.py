@@ -3,9 +3,12 @@
 ``report(folder)`` reads every ``results.json`` under ``folder`` (a run folder, or a Hydra
 multirun folder of jobs), groups the completed runs by grid = (data, model) and, within a
 grid, by defence (the study's names, lipexp.config.naming); the seeds of one defence are
-aggregated as mean ± sample standard deviation (ddof = 1). It writes into ``folder``, atomically:
+aggregated as mean ± sample standard deviation (ddof = 1) and a t interval. It writes
+into ``folder``, atomically:
 
-- ``report.md``: per grid, a table of adversarial statistics (the two PGDs), one of every
+- ``report.md``: per grid, a table of adversarial statistics (the best known distances,
+  with 95% intervals), the paired ratio of each defence's median to the baseline's
+  (``baseline``, default J0), one of every
   attack that the grid's runs evaluated (whatever their names in results.json) and one of
   stability statistics, one row per defence in the study's order, the best of each column
   in bold; then every run that is not in the tables (failed, unfinished, unreadable) with
@@ -27,8 +30,15 @@ from typing import Any
 
 from lipexp.config.naming import run_label
 from lipexp.files import atomic_path
-from lipexp.report.columns import ADVERSARIAL, L2_ATTACK, STABILITY, aggregate, attack_columns
+from lipexp.report.columns import (
+    ADVERSARIAL,
+    STABILITY,
+    aggregate,
+    attack_columns,
+    best_entry,
+)
 from lipexp.report.figure import plot_grid
+from lipexp.report.paired import BASELINE, baseline_ratios, ratio_table
 from lipexp.report.runs import Run, config_notes, find_runs, group_runs, lookup
 from lipexp.report.tables import markdown_table, write_attacks_csv, write_csv
 
@@ -38,6 +48,12 @@ ATTACKS_NOTE = (
     "Every attack that the runs evaluated, by today's name: the median "
     "adversarial distance of an attack with an error curve (largest is best), and the error "
     "at its one size of a fixed-size attack such as AutoAttack (lowest is best)."
+)
+AGAINST_NOTE = (
+    "Gap: an attack's median distance over the best known median of its norm, minus 1 "
+    "(0: it found the median image's best example). Optimality (as AttackBench's): the area "
+    "under the best known robust-accuracy curve over the area under the attack's, up to the "
+    "largest best known distance; 1.0: the best example for every image (docs/evaluation.md)."
 )
 STABILITY_NOTE = (
     "Stability statistics over the evaluated test images, model in eval mode: per-example "
@@ -78,15 +94,25 @@ def _listing(run: Run, root: Path) -> str:
     return f"- `{_relative(run.folder, root)}`: {what}"
 
 
-def report(folder: str | Path) -> dict[str, Any]:
+PAIRED_NOTE = (
+    "Each defence's best known median l2 distance over the baseline's, on the same test "
+    "images (runs of the same seed, pooled over seeds), with its 95% paired bootstrap "
+    "interval (the images resampled jointly); *: the interval excludes 1, a difference the "
+    "images' sampling does not explain."
+)
+
+
+def report(folder: str | Path, baseline: str = BASELINE) -> dict[str, Any]:
     """Write report.md, report_adversarial.csv, report_stability.csv, report_attacks.csv and
     one figure per grid into ``folder``; FileNotFoundError if ``folder`` does not exist or
     has no results.json.
 
     Returns ``{"folder", "files": {"markdown", "adversarial_csv", "stability_csv",
     "attacks_csv", "figures"}, "rows": [{"data", "model", "defence", "n_seeds", "seeds",
-    "folders", "stats": {key: {"mean", "std", "n"}}, "attacks": {attack: {"norm", "eps",
-    "mean", "std", "n"}}, "notes"}], "failed": [...], "unfinished": [...]}``, the last two
+    "folders", "ratio_to_baseline": {"ratio", "interval", "differs", "n_seeds", "n_images"}
+    or None, "stats": {key: {"mean", "std", "n", "interval"}}, "attacks": {attack: {"norm",
+    "eps", "mean", "std", "n", "interval"}}, "notes"}], "failed": [...], "unfinished":
+    [...]}``, the last two
     as ``{"folder", "status", "message"}``; an attack's numbers are its median distance
     (``eps`` None) or its error at ``eps`` (a fixed-size attack).
     """
@@ -103,7 +129,11 @@ def report(folder: str | Path) -> dict[str, Any]:
              f"Folder `{root}`: {_count(len(runs), 'run')}; {completed} completed (in the "
              f"tables), {len(runs) - completed} not (listed at the end).", "",
              "Values: mean ± sample standard deviation over seeds (n = number of seeds, shown "
-             "when > 1; a cell's own n when some seeds lack the statistic). **Bold**: the best "
+             "when > 1; a cell's own n when some seeds lack the statistic), then the 95% "
+             "interval: the t interval of the mean over seeds, or for one seed the bootstrap "
+             "interval over the evaluated images. Headline distances are the best known: each "
+             "image's smallest adversarial distance over the run's attacks of the norm. "
+             "**Bold**: the best "
              "of the column (lowest error, largest median distance, lowest gradient norm; ties "
              "all bold). Clean error: the full test set. Errors at a size and medians: the "
              "attacked test images (per-image smallest adversarial perturbation; ∞: fewer than "
@@ -113,10 +143,12 @@ def report(folder: str | Path) -> dict[str, Any]:
         columns = attack_columns([r for group in defences.values() for r in group])
         attack_stats = tuple(c.stat for c in columns)
         grid_rows = []
+        ratios = baseline_ratios(defences, "l2", baseline)
         for name, group in defences.items():
             found = aggregate(group, attack_stats)
             grid_rows.append({
                 "data": data, "model": model, "defence": name, "n_seeds": len(group),
+                "ratio_to_baseline": ratios[name],
                 "seeds": [r.config.get("seed") for r in group],
                 "folders": [_relative(r.folder, root) for r in group],
                 "stats": aggregate(group, ADVERSARIAL + STABILITY),
@@ -128,15 +160,26 @@ def report(folder: str | Path) -> dict[str, Any]:
         every_attack = ["### Every attack", "",
                         *markdown_table([r | {"stats": r["attacks"]} for r in grid_rows],
                                         attack_stats), "", ATTACKS_NOTE, ""] if columns else []
+        against = tuple(stat for c in columns if c.eps is None for stat in c.against_best())
+        found_against = {id(row): aggregate(group, against)
+                         for row, group in zip(grid_rows, defences.values())}
+        if any(v["n"] for agg in found_against.values() for v in agg.values()):
+            every_attack += ["### Each attack against the best known distance", "",
+                             *markdown_table([r | {"stats": found_against[id(r)]}
+                                              for r in grid_rows], against), "",
+                             AGAINST_NOTE, ""]
         figure = root / f"report_{_safe(data)}_{_safe(model)}_l2.png"
         plot_grid(figure, f"{data} / {model}", defences)
         figures.append(figure)
         n_images = sorted({n for g in defences.values() for r in g
-                           if (n := lookup(r.results, "attacks", L2_ATTACK, "n_images"))})
+                           if (n := lookup(best_entry(r.results, "l2"), "n_images"))})
         lines += [f"## {data} / {model}", "",
                   f"{_count(sum(map(len, defences.values())), 'run')}; attacks on "
                   f"{', '.join(map(str, n_images)) or '?'} test images.", "",
                   "### Adversarial robustness", "", *markdown_table(grid_rows, ADVERSARIAL), "",
+                  *([f"### Paired comparison with {baseline}", "",
+                     *ratio_table(ratios, baseline), "", PAIRED_NOTE, ""]
+                    if baseline in defences else []),
                   f"![l2 error curves]({figure.name})", "", *every_attack,
                   "### Stability statistics", "", *markdown_table(grid_rows, STABILITY), "",
                   STABILITY_NOTE, ""]

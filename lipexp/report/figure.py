@@ -1,4 +1,5 @@
-"""The report's figure of a grid: the l2 PGD error curves of all its defences."""
+"""The report's figure of a grid: the best known l2 error curves of all its defences (the
+per-image minimum over each run's l2 attacks), the first seed's with its 95% band."""
 
 from pathlib import Path
 
@@ -7,14 +8,15 @@ from matplotlib.ticker import NullFormatter
 
 from lipexp.evaluation.plots import draw_error_curve
 from lipexp.files import atomic_path
-from lipexp.report.columns import L2_ATTACK
+from lipexp.report.columns import best_entry
 from lipexp.report.runs import Run, lookup
 
 
 def plot_grid(path: Path, title: str, defences: dict[str, list[Run]]) -> None:
-    """l2 PGD error (%) against size, log size axis, one colour per defence (dashed: & tanh);
-    the first seed thick, with its error at size 0 (the clean error of the attacked images)
-    in the legend and as a triangle on the left edge; further seeds thin."""
+    """Best known l2 error (%) against size, log size axis, one colour per defence (dashed:
+    & tanh); the first seed thick, with its 95% band (over the images) and its error at
+    size 0 (the clean error of the attacked images) in the legend and as a triangle on the
+    left edge; further seeds thin, without band."""
     fig = Figure(figsize=(9, 4.8), layout="constrained")
     ax = fig.subplots()
     bases: list[str] = []  # defence names without " & tanh": one colour each
@@ -23,12 +25,13 @@ def plot_grid(path: Path, title: str, defences: dict[str, list[Run]]) -> None:
         base = name.removesuffix(" & tanh")
         bases += [base] if base not in bases else []
         style = {"color": f"C{bases.index(base) % 10}", "ls": "--" if base != name else "-"}
-        curves = [c for c in (lookup(r.results, "attacks", L2_ATTACK, "curve") for r in runs)
-                  if c]
+        curves = [c for c in (lookup(best_entry(r.results, "l2"), "curve") for r in runs) if c]
         several |= len(curves) > 1
         for i, curve in enumerate(curves):
             first = i == 0  # thick, in the legend and with its C(0) triangle
             label = name + (f" [{len(curves)} seeds]" if len(curves) > 1 else "")
+            if not first:  # one band per defence: the figure stays readable
+                curve = {k: v for k, v in curve.items() if k not in ("low", "high")}
             draw_error_curve(ax, curve, label if first else None, clean_marker=first,
                              lw=1.6 if first else 0.6, alpha=1.0 if first else 0.6, **style)
     if ax.lines:
@@ -36,13 +39,13 @@ def plot_grid(path: Path, title: str, defences: dict[str, list[Run]]) -> None:
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
-        ax.text(0.5, 0.5, f"no {L2_ATTACK} curve", ha="center", va="center",
+        ax.text(0.5, 0.5, "no l2 curve", ha="center", va="center",
                 transform=ax.transAxes)
     ax.set_xlabel("l2 perturbation size (pixels in [0, 1])")
     ax.set_ylabel("error (%)")
     ax.set_ylim(0, 100)
     ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"{title}: {L2_ATTACK} error curves"
+    fig.suptitle(f"{title}: best known l2 error curves"
                  + (" (thick: first seed, thin: further seeds)" if several else ""))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)

@@ -20,7 +20,8 @@ def markdown_table(rows: list[dict], stats: tuple[Stat, ...]) -> list[str]:
         cells = []
         for s in stats:
             agg = row["stats"][s.key]
-            cell = format_cell(s, agg["mean"], agg["std"], agg["n"], row["n_seeds"])
+            cell = format_cell(s, agg["mean"], agg["std"], agg["n"], row["n_seeds"],
+                               agg.get("interval"))
             cells.append(f"**{cell}**" if i in bold[s.key] else cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
@@ -28,14 +29,21 @@ def markdown_table(rows: list[dict], stats: tuple[Stat, ...]) -> list[str]:
 
 def write_csv(path: Path, rows: list[dict], stats: tuple[Stat, ...]) -> None:
     """One row per grid x defence: data, model, defence, n_seeds, seeds, each statistic's
-    mean and std (results.json units; empty: not available), folders (";"-separated)."""
+    mean, std and 95% interval ``low``/``high`` (results.json units; empty: not available;
+    the interval: over the images for one seed, the t interval of the mean for several),
+    folders (";"-separated)."""
     header = ["data", "model", "defence", "n_seeds", "seeds"]
-    header += [f"{s.key}_{m}" for s in stats for m in ("mean", "std")] + ["folders"]
+    header += [f"{s.key}_{m}" for s in stats for m in ("mean", "std", "low", "high")]
+    header += ["folders"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for row in rows:
-            values = [row["stats"][s.key][m] for s in stats for m in ("mean", "std")]
+            values = []
+            for s in stats:
+                agg = row["stats"][s.key]
+                interval = agg.get("interval") or [math.nan, math.nan]
+                values += [agg["mean"], agg["std"], *interval]
             writer.writerow([row["data"], row["model"], row["defence"], row["n_seeds"],
                              " ".join(map(str, row["seeds"]))]
                             + ["" if math.isnan(v) else repr(v) for v in values]

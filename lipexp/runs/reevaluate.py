@@ -26,6 +26,7 @@ from lipexp.config.resolvers import eval_dirname
 from lipexp.config.schema import as_plain_dict, validate
 from lipexp.errors import require
 from lipexp.evaluation.runner import Evaluator
+from lipexp.evaluation.summary import headline
 from lipexp.runs.build import build_datamodule, build_evaluator, build_module
 from lipexp.runs.checkpoint import RunCheckpoint, load_run_checkpoint, load_weights
 from lipexp.runs.folder import RunFolder, RunFolderError, read_results
@@ -116,6 +117,8 @@ def run_plan(plan: EvaluationPlan) -> dict[str, Any]:
         # this evaluation, repeated
         work.results["reevaluate"] = reevaluate_command(checkpoint.path, plan.overrides)
     print(f"Run folder: {folder.path.resolve()}")
+    if "evaluation" in work.results:
+        print(f"Evaluation: {headline(work.results)}")
     print(f"Re-evaluate: {work.results['reevaluate']}")
     return work.results
 

@@ -10,6 +10,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from lipexp.config.overrides import reevaluate_command
 from lipexp.config.schema import as_plain_dict, validate
 from lipexp.evaluation.callback import RobustnessEvaluation
+from lipexp.evaluation.intervals import clean_error_interval
+from lipexp.evaluation.summary import headline
 from lipexp.resume import RunState
 from lipexp.runs.build import build_datamodule, build_evaluator, build_module, build_trainer
 from lipexp.runs.ddp_launch import job_scope
@@ -64,8 +66,9 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: bool, stop: GracefulStop,
             evaluated.append(evaluator(module.net, data, str(folder.path), logger))
         (test,) = trainer.test(module, datamodule=data, verbose=False)
     results["trained"] = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
-    results["clean"] = {"error": 1.0 - test["test/acc"], "loss": test["test/loss"],
-                        "n_images": data.num_test}  # the whole test split
+    error, n = 1.0 - test["test/acc"], data.num_test
+    results["clean"] = {"error": error, "loss": test["test/loss"], "n_images": n,  # the split
+                        "error_interval": clean_error_interval(error, n)}
     results["data"] = {"n_train": data.num_train, "n_test": data.num_test}
     if evaluated and evaluated[0] is not None:  # rank 0, unless fast_dev_run
         results |= evaluated[0]
@@ -74,8 +77,12 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: bool, stop: GracefulStop,
 
 
 def _say_where(folder: RunFolder, results: dict[str, Any]) -> None:
-    """The run's clean error, folder and re-evaluation command, on the console and in the log."""
+    """The run's clean error, its headline (the best known medians, with intervals), folder
+    and re-evaluation command, on the console and in the log."""
     log.info("clean test error %.4f; run folder: %s", results["clean"]["error"], folder.path)
+    if "evaluation" in results:
+        log.info("evaluation: %s", headline(results))
+        print(f"Evaluation: {headline(results)}")
     print(f"Run folder: {folder.path.resolve()}")
     if "reevaluate" in results:
         log.info("re-evaluate: %s", results["reevaluate"])

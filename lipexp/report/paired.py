@@ -1,0 +1,88 @@
+"""The report's paired comparisons: each defence's best known median distance as a ratio to
+a baseline row of its grid (default J0, the same data and model), on the SAME images, with
+a paired 95% bootstrap interval (lipexp.evaluation.intervals.paired_ratio); a difference is
+marked only when the interval excludes 1.
+
+Pairs are image by image: a defence's run and the baseline's run of the same seed, over
+the test images both evaluated (``distances.npz``'s ``indices``); the seeds' pairs are
+pooled, so with several seeds the ratio is that of the medians over all (seed, image)
+pairs.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from lipexp.evaluation.intervals import paired_ratio
+from lipexp.report.runs import Run
+
+BASELINE = "J0"  # the study's undefended training, the row each defence is compared with
+
+
+def best_distances(folder: Path, norm: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(indices, d)``: a run's per-image best known distances of ``norm`` (distances.npz's
+    ``ensemble_<norm>``; before lipexp 0.5, its PGD search's) and the test images' indices;
+    None without them."""
+    path = folder / "distances.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as npz:
+        key = next((k for k in (f"ensemble_{norm}", f"{norm}_pgd") if k in npz.files), None)
+        if key is None or "indices" not in npz.files:
+            return None
+        return np.asarray(npz["indices"]), np.asarray(npz[key], dtype=np.float64)
+
+
+def _pairs(runs: list[Run], baseline: list[Run], norm: str
+           ) -> tuple[np.ndarray, np.ndarray, int]:
+    """The pooled paired distances ``(d_defence, d_baseline)`` over the seeds both have,
+    and the number of seeds paired."""
+    base = {r.config.get("seed"): r for r in baseline}
+    pooled_a, pooled_b, seeds = [], [], 0
+    for run in runs:
+        other = base.get(run.config.get("seed"))
+        mine = best_distances(run.folder, norm)
+        theirs = best_distances(other.folder, norm) if other is not None else None
+        if mine is None or theirs is None:
+            continue
+        common, ia, ib = np.intersect1d(mine[0], theirs[0], return_indices=True)
+        if common.size:
+            pooled_a.append(mine[1][ia])
+            pooled_b.append(theirs[1][ib])
+            seeds += 1
+    if not seeds:
+        return np.empty(0), np.empty(0), 0
+    return np.concatenate(pooled_a), np.concatenate(pooled_b), seeds
+
+
+def baseline_ratios(defences: dict[str, list[Run]], norm: str = "l2",
+                    baseline: str = BASELINE) -> dict[str, dict | None]:
+    """For each defence of a grid: ``{"ratio", "interval", "differs", "n_seeds",
+    "n_images"}`` of its best known median ``norm`` distance over the baseline's (None where
+    nothing pairs: no baseline row, no distances.npz, no common seed or image)."""
+    if baseline not in defences:
+        return {name: None for name in defences}
+    out: dict[str, dict | None] = {}
+    for name, runs in defences.items():
+        a, b, seeds = _pairs(runs, defences[baseline], norm)
+        out[name] = (paired_ratio(a, b) | {"n_seeds": seeds, "n_images": int(a.size)}
+                     if a.size else None)
+    return out
+
+
+def ratio_table(ratios: dict[str, dict | None], baseline: str = BASELINE,
+                norm: str = "l2") -> list[str]:
+    """Markdown: one row per defence, its ratio with the interval, ``*`` where the interval
+    excludes 1."""
+    lines = [f"| defence | best known median {norm} / {baseline}'s [95% paired interval] "
+             "| pairs |", "|---|---:|---:|"]
+    for name, r in ratios.items():
+        if r is None:
+            lines.append(f"| {name} | — | 0 |")
+            continue
+        interval = ("" if r["interval"] is None else
+                    f" [{r['interval'][0]:.3f}, {r['interval'][1]:.3f}]")
+        mark = " *" if r["differs"] else ""
+        lines.append(f"| {name} | {r['ratio']:.3f}{interval}{mark} | "
+                     f"{r['n_images']} images, {r['n_seeds']} seed(s) |")
+    return lines
