@@ -4,8 +4,9 @@ import sys
 from pathlib import Path
 
 
-def report_command(folder: str) -> int:
-    """Write the report of ``folder``; print where the files are. Exit status 1 when
+def report_command(folder: str, baseline: str = "J0") -> int:
+    """Write the report of ``folder`` (``baseline``: the defence each one is compared with,
+    lipexp.report.paired); print where the files are. Exit status 1 when
     ``folder`` does not exist or holds no results.json."""
     from lipexp.report import report  # imported here: torch and matplotlib load slowly
 
@@ -14,7 +15,7 @@ def report_command(folder: str) -> int:
               file=sys.stderr)
         return 1
     try:
-        summary = report(folder)
+        summary = report(folder, baseline)
     except FileNotFoundError as e:
         print(f"lipexp report: error: {e}", file=sys.stderr)
         return 1
