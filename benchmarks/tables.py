@@ -6,10 +6,11 @@
 Every JSON file directly under the results folder is one table (or two), in name order,
 grouped by what wrote it: benchmarks/step.py (``results`` rows with ``hand_ms``, and its
 ``versus`` rows), benchmarks/eval.py (``results`` rows with ``protocol``),
-benchmarks/fd_accuracy.py (``ratios_to_own``) and the GPU check (``goals``). Files that git
-ignores (the GPU check's dry runs and fragments) are left out: the page shows what is
-committed. Only the text between ``<!-- tables:begin -->`` and ``<!-- tables:end -->``
-is replaced; the prose around it is written by hand.
+benchmarks/fd_accuracy.py (``ratios_to_own``), the GPU check (``goals``) and
+benchmarks/attack_gap.py (``gaps``). Files that git ignores (the GPU check's dry runs and
+fragments) are left out: the page shows what is committed. Only the text between
+``<!-- tables:begin -->`` and ``<!-- tables:end -->`` is replaced; the prose around it is
+written by hand.
 """
 
 import argparse
@@ -141,6 +142,43 @@ def gpu_check_tables(name: str, report: dict) -> list[str]:
     return lines
 
 
+def attack_gap_tables(name: str, report: dict) -> list[str]:
+    """benchmarks/attack_gap.py: per model and norm, each PGD / FMN step count's passes per
+    image, seconds, median, gap to the best median over all the variants and optimality;
+    then the default pair (the per-image minimum of the default PGD and FMN) and the best."""
+    lines = [f"#### `{name}`", "",
+             provenance(report, ("machine", "device", "torch", "images", "batch_size")) + ".",
+             ""]
+    for pair in report["default_pairs"]:
+        if pair["norm"] == report["default_pairs"][0]["norm"]:  # once per model
+            training = pair.get("training") or {}
+            trained = (f"`python run.py {' '.join(training['overrides'])}`, clean test error "
+                       f"{training['clean_error']:.1%}" if training else "its checkpoint")
+            lines += [f"{pair['model']}: {trained}.", ""]
+    rows = []
+    for pair in report["default_pairs"]:
+        model, norm = pair["model"], pair["norm"]
+        for r in report["gaps"]:
+            if (r["model"], r["norm"]) == (model, norm):
+                rows.append([model, norm, r["attack"] + (" (default)" if r["default"] else ""),
+                             str(r["steps"]), fmt(r["forward_per_image"], ".0f"),
+                             fmt(r["seconds"], ".1f"), fmt(r["median"], ".4g"),
+                             fmt(r["gap"], ".2%"), fmt(r["optimality"], ".4f"),
+                             str(r["best_count"])])
+        goal = "within" if pair["within_goal"] else "over"
+        rows.append([model, norm, f"**default pair** ({' + '.join(pair['attacks'])})", "",
+                     f"{fmt(pair['forward_per_image'], '.0f')} ({goal} "
+                     f"{report['goal_forward_per_image']})", fmt(pair["seconds"], ".1f"),
+                     fmt(pair["median"], ".4g"), fmt(pair["gap"], ".2%"),
+                     fmt(pair["optimality"], ".4f"), ""])
+        rows.append([model, norm, "best of all variants", "",
+                     fmt(pair["all_forward_per_image"], ".0f"), "",
+                     fmt(pair["best_median"], ".4g"), "", "", ""])
+    lines += table(["model", "norm", "attack", "steps", "forward / image", "seconds", "median",
+                    "gap to best", "optimality", "best for"], "llllrrrrrr", rows)
+    return lines
+
+
 # (what a file holds, the section it goes to, its tables), in the page's order
 KINDS: tuple[tuple[Callable[[dict], bool], str, Callable[[str, dict], list[str]]], ...] = (
     (lambda r: bool(r.get("results")) and "hand_ms" in r["results"][0],
@@ -151,6 +189,8 @@ KINDS: tuple[tuple[Callable[[dict], bool], str, Callable[[str, dict], list[str]]
      fd_tables),
     (lambda r: "goals" in r and "parts" in r, "GPU check",
      gpu_check_tables),
+    (lambda r: "gaps" in r and "default_pairs" in r, "Attack steps and the gap",
+     attack_gap_tables),
 )
 
 

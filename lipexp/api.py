@@ -29,8 +29,9 @@ DISTANCES = "distances.npz"  # lipexp.evaluation.evaluate.write_outputs, in the 
 # distances.npz arrays that are not adversarial distances: the test-set index of each
 # evaluated image, and the certified radii (lower bounds, not found examples)
 NOT_DISTANCES = ("indices", "certified_l2", "certified_linf")
-# eval settings that ``evaluate`` does not take: the images are given
-NOT_SETTINGS = ("_target_", "n_images")
+# eval settings that ``evaluate`` does not take: the images are given, and it writes no
+# files (pictures)
+NOT_SETTINGS = ("_target_", "n_images", "pictures")
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,4 +1,5 @@
-"""Shared fixtures: Hydra configs composed from conf/ (as run.py does), tiny models."""
+"""Shared fixtures: Hydra configs composed from conf/ (as run.py does), the device, one thread,
+strict results.json. Everything else two test files share is in tests/helpers.py."""
 
 import json
 import os
@@ -10,9 +11,9 @@ from hydra import compose, initialize_config_dir
 
 from lipexp.config.schema import register
 
+from .helpers import REPO
+
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests never reach the network
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATASETS = REPO.parent / "shared" / "datasets"  # real MNIST etc.; never copied into the repo
 register()
 
 
@@ -68,17 +69,6 @@ def one_thread():
     torch.set_num_threads(int(os.environ.get("LIPEXP_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(n)
-
-
-def build_run(cfg):
-    """``(module, datamodule, trainer)`` of a run config as ``lipexp.runs.train.run`` builds them,
-    the end-of-training evaluation callback included."""
-    from lipexp.evaluation.callback import RobustnessEvaluation
-    from lipexp.runs.build import build_datamodule, build_evaluator, build_module, build_trainer
-
-    module, datamodule = build_module(cfg), build_datamodule(cfg)
-    evaluation = RobustnessEvaluation(build_evaluator(cfg), cfg.paths.output_dir)
-    return module, datamodule, build_trainer(cfg, module, [evaluation])
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Worker processes for the data-parallel tests (torch.multiprocessing.spawn, gloo, CPU); the
-ranks meet at a store the test holds (tests/rendezvous.py)."""
+ranks meet at a store the test holds (rendezvous, tests/helpers.py)."""
 
 import os
 from functools import partial
@@ -12,6 +12,8 @@ from torch.nn.parallel import DistributedDataParallel
 import lipexp.defences.penalty as lipschitz
 from lipexp.defences.adversarial import l2_gradient_step, no_perturbation, signed_gradient_step
 from lipexp.defences.compose import compose
+
+from .helpers import lip_config_of
 
 B, N_IN, K = 8, 12, 4  # global batch, input dimension, classes
 
@@ -58,7 +60,8 @@ class Step(nn.Module):
 def step_gradients(case: str, scaling: str, x, y, distributed: bool):
     perturb, kwargs = CASES[case]
     objective = partial(lipschitz.penalized_cross_entropy, lam=0.7, scaling=scaling, **kwargs)
-    perturb, objective = compose(perturb, objective)  # as lipexp.runs.build.build_module does
+    # as lipexp.runs.build.build_module does
+    perturb, objective = compose(perturb, objective, lip_config_of(objective))
     step = Step(make_model(), perturb, objective)
     module = DistributedDataParallel(step) if distributed else step
     loss, logs = module(x, y)
@@ -67,7 +70,7 @@ def step_gradients(case: str, scaling: str, x, y, distributed: bool):
 
 
 def _init(rank: int, world: int, env: dict[str, str]) -> None:
-    """Join the group at the test's store (tests/rendezvous.py: ``env`` is its address)."""
+    """Join the group at the test's store (``env``: its address; rendezvous, tests/helpers.py)."""
     os.environ.update(env)
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
     torch.set_num_threads(1)

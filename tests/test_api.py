@@ -19,7 +19,7 @@ from lipexp.runs.checkpoint import CheckpointError
 from lipexp.runs.folder import RunFolderError
 from lipexp.runs.train import run
 
-from .conftest import REPO
+from .helpers import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

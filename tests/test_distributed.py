@@ -1,10 +1,10 @@
 """Data parallelism on CPU (gloo, 2 processes): the penalty's max spans the global batch and
 the gradients equal those of one process on the concatenated batch. The ranks of every test
-meet at a store the test holds (tests/rendezvous.py): no free port is picked and released."""
+meet at a store the test holds (rendezvous, tests/helpers.py): no free port is picked and
+released. The ranks' code is tests/ddp_worker.py."""
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 from lipexp.evaluation.evaluate import evaluate
 
 from . import ddp_worker as w
-from .conftest import REPO
-from .rendezvous import clean_env, rendezvous
+from .helpers import REPO, clean_env, rendezvous
+from .helpers import run_py as run_repo_py
 
 WORLD = 2
 
@@ -26,8 +26,7 @@ def spawn(fn, *args):
 
 
 def run_py(*args: str, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=clean_env(**env))
+    return run_repo_py(*args, timeout=timeout, env=clean_env(**env))
 
 
 def reference():
@@ -118,7 +117,7 @@ def test_sync_batchnorm_with_the_penalty_is_refused(make_cfg):
 def test_ddp_multirun_runs_each_job_once_in_its_own_folder(tmp_path):
     """Lightning re-launches ranks with sys.argv; under -m that must not rerun the sweep.
     Each job's ranks form a new process group, so each job meets at its own store (one store
-    serves one group: tests/rendezvous.py), given by Hydra's hydra.job.env_set per job
+    serves one group: tests/helpers.py), given by Hydra's hydra.job.env_set per job
     number."""
     with rendezvous() as first, rendezvous() as second:
         ports = {f"LIPEXP_TEST_PORT_{i}": m.env["MASTER_PORT"]

@@ -6,15 +6,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from .conftest import build_run as build
+from .helpers import build_run as build
+from .helpers import trainer_on
 
 COMBOS = list(itertools.product(["j0", "j1", "j2"], ["none", "lip1", "lip2"], ["linear", "tanh"]))
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def trainer_on(device) -> list[str]:
-    """The overrides of a Trainer on ``device`` (the device fixture's)."""
-    return ["trainer=gpu"] if device.type == "cuda" else []
 
 
 @pytest.mark.parametrize("adv,lip,head", COMBOS, ids=["-".join(c) for c in COMBOS])

@@ -14,21 +14,11 @@ from lipexp.defences.compose import adversarial_fd_objective, compose
 from lipexp.defences.fd import fd_grad_norms
 from lipexp.defences.penalty import penalized_cross_entropy
 
-from .conftest import build_run
+from .helpers import build_run, lip_config_of, lip_overrides, trainer_on
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DEFENCES = [(adv, lip) for adv in ("j0", "j1", "j2")
             for lip in ("none", "lip1", "lip2", "lip2-fd", "lip1-fd")]
-
-
-def lip_overrides(lip: str) -> list[str]:
-    name, _, method = lip.partition("-")
-    return [f"lip={name}"] + ([f"lip.method={method}"] if method else [])
-
-
-def trainer_on(device) -> list[str]:
-    """The overrides of a Trainer on ``device`` (the device fixture's)."""
-    return ["trainer=gpu"] if device.type == "cuda" else []
 
 
 def devices_seen(module) -> set[str]:
@@ -68,9 +58,8 @@ def test_fd_losses_are_float32_under_bf16_autocast(device):
         est = fd_grad_norms(model, x, y, 2, h=0.01)
         loss, logs = adversarial_fd_objective(model, x, y, eps=0.01, clip=True, dual_norm=2,
                                               lam=0.1)
-        _, along_attack = compose(partial(l2_gradient_step, eps=0.01),
-                                  partial(penalized_cross_entropy, dual_norm=2, lam=0.1,
-                                          method="fd"))
+        fd = partial(penalized_cross_entropy, dual_norm=2, lam=0.1, method="fd")
+        _, along_attack = compose(partial(l2_gradient_step, eps=0.01), fd, lip_config_of(fd))
         loss_a, logs_a = along_attack(model, x, y)
     # ... but not for the finite difference: network and losses in float32
     assert est.logits.dtype == est.losses.dtype == est.norms.dtype == torch.float32

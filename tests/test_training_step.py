@@ -19,6 +19,8 @@ from torch import nn
 from lipexp.data.sources import digits
 from lipexp.runs.build import build_module
 
+from .helpers import lip_overrides
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 DEFENCES = [(adv, lip) for adv in ("j0", "j1", "j2")
             for lip in ("none", "lip1", "lip2", "lip1-fd", "lip2-fd")]
@@ -42,14 +44,6 @@ TOLERANCE = {
     "bf16-mixed": {"loss": 1e-2, "exact": 1e-1, "fd": 1e-1},
 }
 CUDA_FLOAT32_FACTOR = 10
-
-
-def lip_overrides(lip: str) -> list[str]:
-    name, _, rest = lip.partition("-")
-    method, _, option = rest.partition("-")
-    return ([f"lip={name}"] + ([f"lip.method={method}"] if method else [])
-            + {"": [], "point": ["lip.direction=point"],
-               "reuse": ["lip.reuse_adv_gradient=true"]}[option])
 
 
 def first_batch(device):

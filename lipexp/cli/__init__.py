@@ -12,6 +12,7 @@ import sys
 from lipexp.cli.eval import eval_cli
 from lipexp.cli.lipschitz import lipschitz_data_command
 from lipexp.cli.report import report_command
+from lipexp.cli.tune import add_tune_parser, tune_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
         "report", help="tables (report.md), CSVs and error-curve figures of a folder of runs")
     report.add_argument("folder", metavar="DIR",
                         help="a run folder or a Hydra multirun folder; the files go into it")
+    report.add_argument("--baseline", default="J0", metavar="DEFENCE",
+                        help="the row each defence's median is compared with, paired on the "
+                        "same images (default: J0)")
     lipschitz = commands.add_parser(
         "lipschitz", help="Lipschitz constants (lipexp.lipschitz)")
     what = lipschitz.add_subparsers(dest="what", required=True)
@@ -60,15 +64,18 @@ def main(argv: list[str] | None = None) -> int:
                           help="eval.KEY=VALUE, attacks=[l2_pgd,...], attacks.NAME.KEY=VALUE, "
                           "logger=none, hydra.run.dir=FOLDER, data.data_dir=FOLDER (paths "
                           "taken literally)")
+    add_tune_parser(commands)  # lipexp tune SWEEP_FILE [overrides] (lipexp.cli.tune)
     # Overrides may come after options (data=mnist --split test data.download=false): the
     # ones argparse leaves over are overrides too; anything else is rejected as before.
     args, extra = parser.parse_known_args(argv)
     if args.command == "lipschitz" and not any(e.startswith("-") for e in extra):
         return lipschitz_data_command(args, [*args.overrides, *extra])
+    if args.command == "tune":  # its overrides may come after options too
+        return tune_command(args, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "report":
-        return report_command(args.folder)
+        return report_command(args.folder, args.baseline)
     if args.command == "eval":
         return eval_cli(args.target, args.overrides)
     return 2  # unreachable: argparse rejects unknown subcommands

@@ -209,9 +209,15 @@ def _to_0_5(results: dict) -> None:
 def _to_0_6(results: dict) -> None:
     """lipexp 0.6: the package's modules moved (``MOVED_MODULES``); the ``mode`` switch
     went (an evaluation has its own task, evaluate.py: what a results.json's config held
-    was always ``train``, the training run's)."""
+    was always ``train``, the training run's); ``lip.batch_stats`` (before: the method's
+    own, null) and ``eval.pictures`` (before: none, 0) added."""
     config = _node(results, "config")
     config.pop("mode", None)
+    lip = _node(config, "lip")
+    if "dual_norm" in lip:  # a penalty: its method's own statistics (exact: live, fd: fixed)
+        lip.setdefault("batch_stats", None)
+    if isinstance(config.get("eval"), dict):
+        config["eval"].setdefault("pictures", 0)  # no pictures were drawn
     for section in _sections(config):
         if isinstance(section.get("_target_"), str):
             section["_target_"] = _moved(section["_target_"])

@@ -26,7 +26,8 @@ CHANGEABLE = ("trainer.max_epochs", "recipe.epochs", "resume", "name", "mode", "
               "paths.", "logger", "callbacks.", "trainer.enable_progress_bar",
               "trainer.log_every_n_steps", "trainer.enable_model_summary",
               "trainer.default_root_dir", "data.data_dir", "data.download",
-              "data.num_workers", "data.eval_batch_size", "eval.batch_size", "eval.progress")
+              "data.num_workers", "data.eval_batch_size", "eval.batch_size", "eval.progress",
+              "eval.pictures")
 # Not part of the hash: Hydra's own settings (not the run's), and the seed, which the name
 # states on its own so that the seeds of one run sit side by side.
 NOT_HASHED = ("hydra", "seed")

@@ -44,6 +44,29 @@ class Direction(str, Enum):
     point = "point"  # the gradient at the point of the estimate: one more backward pass
 
 
+class BatchStats(str, Enum):
+    """Which per-example gradient the penalty sees where batch norm uses batch statistics
+    (``lip.batch_stats``; docs/method.md, "Which gradient the penalty sees: batch
+    statistics live or fixed")."""
+
+    live = "live"  # through the batch's mean and variance (exact's default, the authors')
+    fixed = "fixed"  # the batch's statistics held as constants (what fd estimates)
+
+    @staticmethod
+    def of(method: "Method | str", batch_stats: "BatchStats | str | None") -> "BatchStats":
+        """The statistics ``method`` runs with: ``batch_stats``, or (None) the method's own
+        (exact: live, fd: fixed); ValueError for fd with live, which fd cannot estimate."""
+        method = Method(method)
+        if batch_stats is None:
+            return BatchStats.fixed if method is Method.fd else BatchStats.live
+        batch_stats = BatchStats(batch_stats)
+        require(not (method is Method.fd and batch_stats is BatchStats.live),
+                "lip.batch_stats=live cannot be combined with lip.method=fd: the finite "
+                "difference holds the batch's statistics fixed (docs/method.md); use "
+                "lip.batch_stats=fixed (or null), or lip.method=exact")
+        return batch_stats
+
+
 @dataclass
 class NoAdvConfig:
     """J0: no adversarial perturbation."""
@@ -91,6 +114,9 @@ class LipConfig:
     # fd with J1/J2: the attack's gradient taken in train mode and x + h d its adversarial
     # image (h = adv.eps), 2 forward passes per step instead of 3 (docs/method.md)
     reuse_adv_gradient: bool = False
+    # batch norm's statistics in the gradient: live (through them) or fixed (constants);
+    # None: the method's own (exact: live, fd: fixed); fd with live is refused
+    batch_stats: BatchStats | None = None
 
     def __post_init__(self) -> None:
         require(self.h > 0, f"lip.h (the finite-difference step, l2 size in pixels) must be "
@@ -99,6 +125,7 @@ class LipConfig:
         require(self.dual_norm in (1, 2), f"lip.dual_norm must be 1 (Lip1, dual of l-infinity) "
                 f"or 2 (Lip2, dual of l2), got {self.dual_norm}")
         require(self.lam >= 0, f"lip.lam must be >= 0, got {self.lam}")
+        BatchStats.of(self.method, self.batch_stats)  # fd with live: refused
         require(
             self.target is None or self.target >= 0,
             f"lip.target (hinge target L0) must be >= 0 or null, got {self.target}",
@@ -148,8 +175,11 @@ class EvalConfig:
     lipschitz: bool = True  # the Lipschitz analysis: bounds and certified radii
     jacobian_iterations: int = 20  # power iterations per image for ||J(x)||_2
     progress: bool = True  # a progress bar per attack (images done, time left)
+    # images per norm pictured with their adversarial examples (pictures.py); 0: none
+    pictures: int = 8
 
     def __post_init__(self) -> None:
+        require(self.pictures >= 0, f"eval.pictures must be >= 0 (0: none), got {self.pictures}")
         require(self.jacobian_iterations >= 1,
                 f"eval.jacobian_iterations must be >= 1, got {self.jacobian_iterations}")
         require(self.n_images is None or self.n_images > 0,

@@ -1,6 +1,8 @@
 """Batch normalization with one batch's statistics held fixed: the per-example loss that the
 finite-difference penalty estimates (docs/method.md, "Finite-difference estimate of the
-gradient norm"), its reference by PyTorch's own layers, and running statistics left alone.
+gradient norm") and the exact penalty differentiates with ``lip.batch_stats=fixed``
+("Which gradient the penalty sees: batch statistics live or fixed"), its reference by
+PyTorch's own layers, and running statistics left alone.
 """
 
 import copy
@@ -64,16 +66,21 @@ class BatchStatistics:
     differentiable ones. A plain ``model`` function (not an nn.Module) has no layers to fix.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, setting: str = "lip.method=fd",
+                 instead: str = "lip.method=exact") -> None:
+        """``setting``: the setting that holds the statistics fixed, named in refusals
+        (``instead``: the one to use then); lip.method=fd's, or the exact penalty's
+        lip.batch_stats=fixed (lipexp.defences.penalty.exact_grad_norms)."""
         modules = model.modules() if isinstance(model, nn.Module) else ()
         self.layers = [m for m in modules if _uses_batch_statistics(m)]
+        self.setting = setting
         custom = [type(m).__name__ for m in self.layers
                   if type(m).forward not in (nn.modules.batchnorm._BatchNorm.forward,
                                              nn.SyncBatchNorm.forward)]
         if custom:  # its own forward would be replaced by plain batch norm's
-            raise ValueError(f"lip.method=fd holds batch norm's statistics fixed by running "
+            raise ValueError(f"{setting} holds batch norm's statistics fixed by running "
                              f"the layers itself; {', '.join(sorted(set(custom)))} has a "
-                             "forward of its own (use lip.method=exact)")
+                             f"forward of its own (use {instead})")
         self.stats: dict[nn.Module, tuple[Tensor, Tensor]] = {}  # layer -> (mean, 1/std)
 
     @contextmanager
@@ -100,11 +107,11 @@ class BatchStatistics:
         ``_BatchNorm.forward``), keeping the statistics."""
         if isinstance(layer, nn.SyncBatchNorm) and torch.distributed.is_available() \
                 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            raise ValueError("lip.method=fd holds each rank's batch statistics fixed; it cannot "
-                             "be combined with SyncBatchNorm (trainer.sync_batchnorm=true)")
+            raise ValueError(f"{self.setting} holds each rank's batch statistics fixed; it "
+                             "cannot be combined with SyncBatchNorm (trainer.sync_batchnorm=true)")
         if layer in self.stats:  # a layer called twice in a pass has two sets of statistics
-            raise ValueError(f"lip.method=fd: the batch norm layer {layer} is called more than "
-                             "once in a forward pass; its statistics cannot be held fixed")
+            raise ValueError(f"{self.setting}: the batch norm layer {layer} is called more "
+                             "than once in a forward pass; its statistics cannot be held fixed")
         layer._check_input_dim(z)
         # as the layer's own forward, which normalizes with batch statistics here: one value
         # per channel is refused

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipexp.config.schema import Direction, Method, Scaling
+from lipexp.config.schema import BatchStats, Direction, Method, Scaling
+from lipexp.defences.batch_stats import BatchStatistics
 from lipexp.defences.fd import fd_grad_norms
 from lipexp.defences.grad_norms import GradNormEstimator, GradNorms
 from lipexp.distributed import gather_batch
@@ -29,18 +30,48 @@ __all__ = ["ESTIMATORS", "GradNormEstimator", "GradNorms", "cross_entropy",
 
 
 def exact_grad_norms(model: nn.Module, x: Tensor, y: Tensor, dual_norm: int,
-                     h: float | None = None) -> GradNorms:
+                     h: float | None = None,
+                     batch_stats: BatchStats | str = BatchStats.live) -> GradNorms:
     """``||grad_x l(x_i)||_dual_norm`` for each i by double backpropagation (``h`` unused).
 
-    The gradient of the SUM of the losses gives each example its own gradient (plus, in
-    train mode, the small coupling that batch normalization introduces between examples,
-    as in the authors' code); ``create_graph`` keeps it differentiable, so the penalty's
-    gradient w.r.t. the parameters is exact.
+    ``batch_stats`` (docs/method.md, "Which gradient the penalty sees: batch statistics
+    live or fixed") says what happens where batch norm normalizes with the batch's
+    statistics (train mode):
+
+    - ``live`` (the authors' code): ``g_i = d/dx_i sum_j CE(f(x_j; mu(x), var(x)), y_j)``,
+      the gradient of the SUM of the losses of one train-mode pass. Each example gets its
+      own gradient plus the path through the batch's mean and variance ``mu(x), var(x)``,
+      which couples the examples (in the tanh head, which normalizes the logits, that
+      path cancels most of the image's own gradient).
+    - ``fixed``: ``g_i = grad_x CE(f(x; mu_B, var_B), y_i) at x = x_i``, every layer's
+      ``mu_B, var_B`` (biased variance, as batch norm) those of the batch ``x`` held as
+      constants w.r.t. the input (``BatchStatistics``), the per-example loss that
+      ``lip.method=fd`` estimates. They stay functions of the parameters, so the penalty
+      trains through them as through batch norm. Passes: one train-mode forward pass for
+      the cross-entropy and the logits (batch norm's one running-statistics update of the
+      step), one more with the statistics fixed for the gradient. A network without
+      layers that use batch statistics: the same as ``live`` (one pass).
+
+    ``create_graph`` keeps ``g`` differentiable, so the penalty's gradient w.r.t. the
+    parameters is exact.
     """
-    x = x.detach().requires_grad_(True)
-    logits = model(x)
-    losses = F.cross_entropy(logits, y, reduction="none")  # (B,)
-    (g,) = torch.autograd.grad(losses.sum(), x, create_graph=True)
+    net = getattr(model, "_orig_mod", model)  # torch.compile's wrapper -> the network itself
+    stats = BatchStatistics(net, setting="lip.batch_stats=fixed",
+                            instead="lip.batch_stats=live") \
+        if BatchStats(batch_stats) is BatchStats.fixed else None
+    if stats is None or not stats.layers:
+        x = x.detach().requires_grad_(True)
+        logits = model(x)
+        losses = F.cross_entropy(logits, y, reduction="none")  # (B,)
+        (g,) = torch.autograd.grad(losses.sum(), x, create_graph=True)
+    else:
+        with stats.record():  # the step's one train-mode pass, statistics kept
+            logits = net(x.detach())
+        losses = F.cross_entropy(logits, y, reduction="none")  # (B,)
+        x0 = x.detach().requires_grad_(True)
+        with stats.fixed():  # each example a function of its own input: sum -> own gradients
+            losses_0 = F.cross_entropy(net(x0), y, reduction="none")
+        (g,) = torch.autograd.grad(losses_0.sum(), x0, create_graph=True)
     norms = torch.linalg.vector_norm(g.flatten(1), ord=dual_norm, dim=1)  # (B, n) -> (B,)
     return GradNorms(losses, logits, norms)
 
@@ -75,13 +106,16 @@ def penalized_cross_entropy(
     h: float = 0.01,
     direction: Direction | str = Direction.attack,
     reuse_adv_gradient: bool = False,
+    batch_stats: BatchStats | str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``J = mean_i l(x_i) + w * h(L)``: the study's worst-case (WCAT) Lipschitz penalty.
 
     - ``l(x) = CE(f(x), y)``; ``L = max_i ||grad_x l(x_i)||_dual_norm`` over the WHOLE
       batch, across all data-parallel ranks (per-example units, as logged in
       ``grad_norm_max``); the norms come from the estimator of ``method`` (``h``: the
-      finite-difference step of ``fd``, l2 size in pixels).
+      finite-difference step of ``fd``, l2 size in pixels) and, for ``exact``, the
+      ``batch_stats`` given (``live`` / ``fixed``: ``exact_grad_norms``; None: the method's
+      own, exact live and fd fixed; fd with ``live`` is refused).
     - ``h(L) = L``; with a ``target`` L0 the hinge ``max(0, L - L0)``; squared if ``squared``.
     - ``w = lam``, or ``lam / sqrt(n)`` with ``lam_over_sqrt_n`` (Lip1; n = C*H*W); divided by
       the global batch size B when ``scaling=batch_mean`` (as the authors' code, whose
@@ -98,7 +132,9 @@ def penalized_cross_entropy(
         raise ValueError("lip.reuse_adv_gradient=true needs the clean batch: build the "
                          "objective with lipexp.runs.build.build_module (adversarial_fd_objective)")
     Direction(direction)  # a bad value fails here, not silently
-    est = ESTIMATORS[Method(method)](model, x, y, dual_norm, h)
+    method, batch_stats = Method(method), BatchStats.of(method, batch_stats)
+    options = {"batch_stats": batch_stats} if method is Method.exact else {}  # fd: fixed
+    est = ESTIMATORS[method](model, x, y, dual_norm, h, **options)
     return penalized(est, y, n=x[0].numel(), dual_norm=dual_norm, lam=lam,
                      lam_over_sqrt_n=lam_over_sqrt_n, scaling=scaling, target=target,
                      squared=squared)

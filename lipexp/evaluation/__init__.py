@@ -8,6 +8,8 @@
   ratios of two models' medians, intervals over seeds, and an attack's optimality.
 - ensemble.py: the best known distance of each image (the minimum over a norm's attacks),
   the headline, with each attack's gap to it.
+- pictures.py: a few images, their adversarial examples and perturbations, as figures,
+  an npz and a W&B table.
 - cost.py: network passes and seconds of each attack; certification.py: certified radii.
 - checks.py: the gradient-masking self-checks, one function per check.
 - evaluate.py: the whole evaluation of a network (also split over data-parallel ranks) and

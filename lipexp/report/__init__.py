@@ -39,6 +39,7 @@ from lipexp.report.columns import (
 )
 from lipexp.report.figure import plot_grid
 from lipexp.report.paired import BASELINE, baseline_ratios, ratio_table
+from lipexp.report.pareto import pareto_section
 from lipexp.report.runs import Run, config_notes, find_runs, group_runs, lookup
 from lipexp.report.tables import markdown_table, write_attacks_csv, write_csv
 
@@ -178,13 +179,16 @@ def report(folder: str | Path, baseline: str = BASELINE) -> dict[str, Any]:
                   f"{', '.join(map(str, n_images)) or '?'} test images.", "",
                   "### Adversarial robustness", "", *markdown_table(grid_rows, ADVERSARIAL), "",
                   *([f"### Paired comparison with {baseline}", "",
-                     *ratio_table(ratios, baseline), "", PAIRED_NOTE, ""]
-                    if baseline in defences else []),
+                     *ratio_table(ratios, baseline, n_seeds={k: len(v) for k, v in
+                                                             defences.items()}),
+                     "", PAIRED_NOTE, ""]
+                    if any(r is not None for r in ratios.values()) else []),
                   f"![l2 error curves]({figure.name})", "", *every_attack,
                   "### Stability statistics", "", *markdown_table(grid_rows, STABILITY), "",
                   STABILITY_NOTE, ""]
         notes = [f"- {row['defence']}: {note}" for row in grid_rows for note in row["notes"]]
         lines += ["Notes on aggregated runs:", "", *notes, ""] if notes else []
+    lines += pareto_section(root)  # a lipexp tune sweep folder: its Pareto front
     others = [r for r in runs if r.status != "completed"]
     lines += ["## Runs not in the tables", ""]
     lines += [_listing(r, root) for r in others] or ["None: every run completed."]

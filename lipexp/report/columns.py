@@ -85,8 +85,7 @@ def _best_median_interval(norm: str) -> Callable[[dict], Any]:
 
 
 def _best_error_at(norm: str, size: float) -> Callable[[dict], Any]:
-    key = size_key(size)
-    return lambda results: lookup(best_entry(results, norm), "error_at", key)
+    return _error_at(norm, size, entry_of=lambda results: best_entry(results, norm))
 
 
 def _best_error_interval(norm: str, size: float) -> Callable[[dict], Any]:
@@ -94,13 +93,15 @@ def _best_error_interval(norm: str, size: float) -> Callable[[dict], Any]:
     return lambda results: _interval(lookup(best_entry(results, norm), "error_at_interval", key))
 
 
-def _error_at(attack: str, size: float) -> Callable[[dict], Any]:
-    """Getter of the error of ``attack`` at ``size``: from ``error_at``, else from the curve
-    if ``size`` is one of its grid points (same size_key), else None."""
+def _error_at(attack: str, size: float,
+              entry_of: Callable[[dict], Any] | None = None) -> Callable[[dict], Any]:
+    """Getter of the error of ``attack`` (or of the entry ``entry_of(results)``) at ``size``:
+    from ``error_at``, else from the curve if ``size`` is one of its grid points (same
+    size_key), else None."""
     key = size_key(size)
 
     def get(results: dict) -> Any:
-        entry = lookup(results, "attacks", attack) or {}
+        entry = (entry_of(results) if entry_of else lookup(results, "attacks", attack)) or {}
         if key in (entry.get("error_at") or {}):
             return entry["error_at"][key]
         curve = entry.get("curve") or {}

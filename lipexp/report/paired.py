@@ -71,12 +71,14 @@ def baseline_ratios(defences: dict[str, list[Run]], norm: str = "l2",
 
 
 def ratio_table(ratios: dict[str, dict | None], baseline: str = BASELINE,
-                norm: str = "l2") -> list[str]:
-    """Markdown: one row per defence, its ratio with the interval, ``*`` where the interval
-    excludes 1."""
+                norm: str = "l2", n_seeds: dict[str, int] | None = None) -> list[str]:
+    """Markdown: one row per defence (with ``(n=k)`` for k > 1 seeds, as the other tables),
+    its ratio with the interval, ``*`` where the interval excludes 1."""
     lines = [f"| defence | best known median {norm} / {baseline}'s [95% paired interval] "
              "| pairs |", "|---|---:|---:|"]
-    for name, r in ratios.items():
+    for defence, r in ratios.items():
+        k = (n_seeds or {}).get(defence, 1)
+        name = defence + (f" (n={k})" if k > 1 else "")
         if r is None:
             lines.append(f"| {name} | — | 0 |")
             continue

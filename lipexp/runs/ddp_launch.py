@@ -5,7 +5,7 @@ command line (the data-parallel math is in ``lipexp.distributed``).
 This concerns Lightning's own launch only (its subprocess launcher, which re-runs the
 command for ranks 1..N-1). Processes started outside, one per rank (``srun`` under SLURM,
 torchrun), are used as they are: Lightning's cluster environment then creates no process,
-and ``child_argv`` is None in each of them (tests/test_cluster.py)."""
+and ``child_argv`` is None in each of them (tests/e2e/test_cluster.py)."""
 
 import json
 import os
