@@ -17,7 +17,7 @@ For each model x defence (x head):
   the conversion and augmentation of ``on_after_batch_transfer``.
 - ``versus`` (``--versus A:B,...``): what one defence costs against another, the
   hand-written steps of A and B alternating on one network (A, B, A, B, ...): the median
-  of the paired ratios A / B. (The hand-written step makes lipexp's update, tests/
+  of the paired ratios A / B. (The hand-written step makes lipexp's update, tests/e2e/
   test_benchmarks.py, and its time is lipexp's within the ``compute`` ratio.)
 
 Synthetic data of the study's shapes (CIFAR 3x32x32, 10 classes; the small CNN 1x28x28

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="torch device (default: cuda when available, else cpu)")
     evaluate = commands.add_parser(
         "eval", help="a run's robustness evaluation, again: its checkpoint, with its own config",
-        description="Evaluate a run's checkpoint again, as `python run.py mode=eval "
+        description="Evaluate a run's checkpoint again, as `python evaluate.py "
         "ckpt_path=PATH` does: with the checkpoint's own config, its evaluation settings "
         "included; overrides change them (eval.KEY=..., attacks=[...] chooses the attacks, "
         "attacks.NAME.KEY=... changes one, logger=none). The results go to "

@@ -76,15 +76,16 @@ def _fractions(eps: np.ndarray) -> Callable:
 def curve_band(d, eps: Iterable[float], seed: int = SEED) -> tuple[list[float], list[float]]:
     """``(low, high)``: the pointwise 95% interval of the error curve ``C`` at each of
     ``eps`` (the curve's own grid: its shaded band)."""
-    finite, _ = _finite_stand_in(d)
+    # no stand-in for +inf here: an unbroken image is above every size (inf <= eps is False)
+    raw = np.asarray(d, dtype=np.float64)
     eps = np.asarray(list(eps), dtype=np.float64)
-    if finite.size < 2:
-        value = [float((finite <= e).mean()) for e in eps]
+    if raw.size < 2:
+        value = [float((raw <= e).mean()) for e in eps]
         return value, value
     # sizes rounded as curves.error_curve rounds them (float32 distances, float32 sizes)
     precision = np.float32 if np.asarray(d).dtype == np.float32 else np.float64
     eps = eps.astype(precision).astype(np.float64)
-    low, high = _bootstrap((finite,), _fractions(eps), seed, paired=False)
+    low, high = _bootstrap((raw,), _fractions(eps), seed, paired=False)
     return low.tolist(), high.tolist()
 
 
@@ -113,29 +114,42 @@ def clean_error_interval(error: float, n: int, seed: int = SEED) -> list[float] 
     return proportion_interval(np.r_[np.ones(wrong), np.zeros(n - wrong)], seed)
 
 
-def _ratio(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
-    """``median(a) / median(b)`` (lower medians); +inf / +inf and 0 / 0 count as 1."""
-    ma, mb = lower_median(a, axis), lower_median(b, axis)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(ma == mb, 1.0, ma / mb)
+def _ratio(stand_in: float) -> Callable:
+    """The statistic ``median(a) / median(b)`` (lower medians) of distances whose +inf is
+    ``stand_in``: a median at the stand-in is +inf again, so inf / finite = inf,
+    finite / inf = 0 and inf / inf (like 0 / 0) = 1."""
+    def statistic(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+        ma, mb = (np.where(m >= stand_in, np.inf, m)
+                  for m in (lower_median(a, axis), lower_median(b, axis)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(ma == mb, 1.0, ma / mb)
+    return statistic
 
 
 def paired_ratio(d_a, d_b, seed: int = SEED) -> dict:
     """The ratio of the median distances of two evaluations of the SAME images (``d_a``,
     ``d_b``, image by image), ``median(d_a) / median(d_b)``, with its paired 95% bootstrap
     interval (the images resampled jointly) and whether it excludes 1: ``{"ratio",
-    "interval", "differs"}``. +inf distances as in ``median_interval``, one stand-in for
-    both (so a resample with both medians +inf has ratio 1)."""
+    "interval", "differs"}``. A +inf median (more than half unbroken) gives a ratio of +inf
+    or 0; the interval's bounds are quantiles of the resampled ratios taken without
+    interpolation (``inverted_cdf``), so +inf never enters an arithmetic."""
     a, b = np.asarray(d_a, dtype=np.float64), np.asarray(d_b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"paired distances must be two 1-D arrays of one length, got "
                          f"{a.shape} and {b.shape}")
-    both, _ = _finite_stand_in(np.concatenate([a, b]))
+    both, top = _finite_stand_in(np.concatenate([a, b]))
+    statistic = _ratio(2 * top + 1.0)
     a, b = both[:a.size], both[a.size:]
-    ratio = float(_ratio(a, b))
+    ratio = float(statistic(a, b))
     if a.size < 2:
         return {"ratio": ratio, "interval": None, "differs": False}
-    low, high = _bootstrap((a, b), _ratio, seed, paired=True)
+    with np.errstate(invalid="ignore"):  # SciPy's standard error of +inf ratios: nan, unused
+        result = stats.bootstrap((a, b), statistic, n_resamples=N_RESAMPLES,
+                                 confidence_level=CONFIDENCE, method=METHOD, paired=True,
+                                 vectorized=True, rng=np.random.default_rng(seed))
+    tail = (1 - CONFIDENCE) / 2
+    low, high = np.quantile(result.bootstrap_distribution, [tail, 1 - tail],
+                            method="inverted_cdf")
     interval = [float(low), float(high)]
     return {"ratio": ratio, "interval": interval,
             "differs": bool(interval[0] > 1.0 or interval[1] < 1.0)}

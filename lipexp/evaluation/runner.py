@@ -1,6 +1,7 @@
 """The robustness evaluation as one callable: test images in, run-folder files and results
 out (docs/method.md, "Evaluation protocol"). Hydra builds it from conf/eval/default.yaml
-and conf/attacks/; the training callback (callback.py) and ``mode=eval`` both call it."""
+and conf/attacks/; the training callback (callback.py) and the evaluation task
+(evaluate.py) both call it."""
 
 import logging
 import os

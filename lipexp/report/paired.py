@@ -6,9 +6,11 @@ marked only when the interval excludes 1.
 Pairs are image by image: a defence's run and the baseline's run of the same seed, over
 the test images both evaluated (``distances.npz``'s ``indices``); the seeds' pairs are
 pooled, so with several seeds the ratio is that of the medians over all (seed, image)
-pairs.
+pairs. The interval is over the test images, for these trained models: it does not hold
+the variation between training seeds (the report's intervals over seeds do).
 """
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,10 @@ def baseline_ratios(defences: dict[str, list[Run]], norm: str = "l2",
     return out
 
 
+def _number(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else "∞"
+
+
 def ratio_table(ratios: dict[str, dict | None], baseline: str = BASELINE,
                 norm: str = "l2", n_seeds: dict[str, int] | None = None) -> list[str]:
     """Markdown: one row per defence (with ``(n=k)`` for k > 1 seeds, as the other tables),
@@ -83,8 +89,8 @@ def ratio_table(ratios: dict[str, dict | None], baseline: str = BASELINE,
             lines.append(f"| {name} | — | 0 |")
             continue
         interval = ("" if r["interval"] is None else
-                    f" [{r['interval'][0]:.3f}, {r['interval'][1]:.3f}]")
+                    f" [{_number(r['interval'][0])}, {_number(r['interval'][1])}]")
         mark = " *" if r["differs"] else ""
-        lines.append(f"| {name} | {r['ratio']:.3f}{interval}{mark} | "
+        lines.append(f"| {name} | {_number(r['ratio'])}{interval}{mark} | "
                      f"{r['n_images']} images, {r['n_seeds']} seed(s) |")
     return lines

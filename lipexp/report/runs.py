@@ -86,7 +86,7 @@ def _seed_key(run: Run) -> tuple:
 
 def group_runs(runs: list[Run]) -> dict[tuple[str, str], dict[str, list[Run]]]:
     """Completed training runs as {(data, model): {defence: [runs by seed]}}, grids sorted
-    by name, defences in the study's order. ``mode=eval`` re-evaluations of a checkpoint
+    by name, defences in the study's order. Re-evaluations (evaluate.py) of a checkpoint
     are left out: they are not further seeds."""
     grids: dict[tuple[str, str], dict[str, list[Run]]] = {}
     for run in runs:

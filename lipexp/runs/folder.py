@@ -8,7 +8,7 @@ with the config it was started with (``config_differences``). Nothing in the fol
 written before these checks pass, Hydra's ``.hydra/`` record included
 (``save_hydra_record``). While work is under way results.json says ``running``; it ends as
 ``completed``, ``interrupted`` (Ctrl-C), ``terminated`` (SIGTERM) or ``failed`` with the
-error (``RunFolder.record``, used by training and ``mode=eval`` alike). Every write is
+error (``RunFolder.record``, used by training and evaluation alike). Every write is
 atomic.
 """
 

@@ -75,6 +75,21 @@ def test_paired_ratio_excludes_one_for_a_shifted_copy_and_includes_it_for_the_sa
     assert own[0] < base[1]  # unpaired, the intervals overlap
 
 
+def test_unbroken_images_are_never_counted_broken_and_an_unbroken_median_has_no_ratio():
+    """+inf distances stay above every size: the error at a size beyond every finite
+    distance is the broken fraction (70%), not 100%; a median that is +inf (60% unbroken)
+    over a finite one is +inf, and the other way 0, never a finite stand-in's ratio."""
+    d = np.r_[np.linspace(0.01, 0.2, 70), np.full(30, np.inf)]
+    low, high = intervals.error_at_intervals(d, [1.5])["1.5"]
+    assert low <= 0.7 <= high < 1.0
+    assert intervals.curve_band(np.full(10, np.inf), [1.5]) == ([0.0], [0.0])
+    unbroken = np.r_[np.full(60, np.inf), np.linspace(0.01, 0.2, 40)]
+    finite = np.linspace(0.01, 0.2, 100)
+    over = intervals.paired_ratio(unbroken, finite)
+    assert over["ratio"] == math.inf and over["interval"][0] > 1 and over["differs"]
+    assert intervals.paired_ratio(finite, unbroken)["ratio"] == 0.0
+
+
 def test_paired_ratio_refuses_unpaired_shapes():
     with pytest.raises(ValueError, match="one length"):
         intervals.paired_ratio(np.ones(3), np.ones(4))
