@@ -208,7 +208,7 @@ def run_folder(*overrides: str) -> str:
 # that may change without changing its numbers
 ONE_RUN = [(), ("adv=j2", "lip=lip2", "head=tanh"), ("defence=j2_lip2", "head=tanh"),
            ("head=tanh", "defence=j2_lip2"), ("lip.dual_norm=2",), ("lip.lam=0.1", "adv.eps=0.01"),
-           ("attacks=[linf_pgd,l2_pgd]",), ("logger=none", "name=other",
+           ("attacks=[linf_fmn,l2_pgd,l2_fmn,linf_pgd]",), ("logger=none", "name=other",
                           "eval.batch_size=7", "resume=true")]
 
 

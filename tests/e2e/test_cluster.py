@@ -92,6 +92,7 @@ def comparable(folder) -> dict:
         results.pop(key)
     for cost in results["evaluation"]["cost"].values():
         cost.pop("seconds"), cost.pop("images_per_s")
+    results.get("pictures", {}).get("cost", {}).pop("seconds", None)
     return results
 
 

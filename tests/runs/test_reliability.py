@@ -153,7 +153,7 @@ def test_a_folder_keeps_its_config_and_an_evaluation_its_own_folder(tmp_path):
     evaluated = evaluate_py(f"ckpt_path={ckpt}", "eval.n_images=12")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     (folder,) = (out / "eval").iterdir()
-    assert folder.name.startswith("l2_pgd+linf_pgd-")
+    assert folder.name.startswith("l2_pgd+linf_pgd+l2_fmn+linf_fmn-")  # the default attacks
     results = json.loads((folder / "results.json").read_text())
     trained = json.loads((out / "results.json").read_text())
     assert results["status"] == "completed" and results["mode"] == "eval"
