@@ -36,6 +36,19 @@ LAYERS = [
 ]
 
 
+def imported(node: ast.ImportFrom | ast.Import, package: str) -> list[str]:
+    """The modules an import statement in ``package`` may name: ``from a.b import c`` names
+    ``a.b`` and ``a.b.c`` (c may be a module itself); relative imports resolved."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if node.level:  # relative: up level-1 packages from this one
+        base = package.split(".")[: len(package.split(".")) - node.level + 1]
+        target = ".".join([*base, *([node.module] if node.module else [])])
+    else:
+        target = node.module or ""
+    return [target, *(f"{target}.{a.name}" for a in node.names)]
+
+
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -48,16 +61,8 @@ def imports() -> dict[str, set[str]]:
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom):
-                if node.level:  # relative: up level-1 packages from this one
-                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    target = ".".join([*base, *([node.module] if node.module else [])])
-                else:
-                    target = node.module or ""
-                # ``from lipexp.x import y``: y may be a module itself
-                targets = [target, *(f"{target}.{a.name}" for a in node.names)]
-            elif isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                targets = imported(node, package)
             else:
                 continue
             graph[name] |= {t for t in targets if t in files and t != name}
@@ -162,16 +167,8 @@ def imported_test_modules(path: Path, source: str | None = None) -> list[str]:
     tree = ast.parse(path.read_text() if source is None else source, str(path))
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: up level-1 packages from this one
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                target = ".".join([*base, *([node.module] if node.module else [])])
-            else:
-                target = node.module or ""
-            # ``from tests.x import test_y``: the name may be a module itself
-            names = [target, *(f"{target}.{a.name}" for a in node.names)]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
+        if isinstance(node, ast.ImportFrom | ast.Import):
+            names = imported(node, package)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             names = TARGET.findall(node.value)
         elif isinstance(node, ast.Dict):
