@@ -20,9 +20,9 @@ install: $(STAMP)
 run: install
 	$(PY) run.py $(ARGS)
 
-# Two pytest-xdist workers, one test file each at a time (module fixtures computed once): most
-# tests run one thread or wait on subprocesses, so two cores take ~15% less time than one
-# serial run (10.5 -> 8.8 min on a 2-core EPYC). Plain `pytest` runs serially.
+# Two pytest-xdist workers, one test file each at a time (module fixtures computed once); each
+# test process and every run.py it starts uses one torch thread (tests/conftest.py sets
+# OMP_NUM_THREADS=1 unless given): 7.5 min on a 2-core Xeon. Plain `pytest` runs serially.
 test: install
 	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
 

@@ -3,6 +3,14 @@ strict results.json. Everything else two test files share is in tests/helpers.py
 
 import json
 import os
+
+# One torch thread per process unless the environment says otherwise (tests/numerics_matrix.py
+# sets 1 and 2): set before torch loads, inherited by every run.py a test starts. Two xdist
+# workers share the machine's cores, tiny models run fastest on one thread, and on a machine
+# whose CPU quota is smaller than its visible cores torch's default (one thread per core)
+# made run.py tests ~50x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from pathlib import Path
 
 import pytest

@@ -34,6 +34,7 @@ from lipexp.runs.loggers import closing_logger
 from lipexp.runs.provenance import provenance
 from lipexp.runs.session import session
 from lipexp.runs.stopping import GracefulStop
+from lipexp.runs.threads import fit_threads
 
 log = logging.getLogger(__name__)
 # the settings a re-evaluation takes from its own command; the checkpoint's config decides
@@ -185,6 +186,7 @@ def _refuse_to_overwrite(folder: RunFolder) -> None:
 def _evaluate(plan: EvaluationPlan, results: dict[str, Any]) -> None:
     """The evaluation itself, its numbers added to ``results`` and logged."""
     run_cfg, folder = plan.run_cfg, plan.folder
+    fit_threads()  # one process: the CPUs it may use (a container's quota too)
     pl.seed_everything(run_cfg.seed, workers=True)
     module = build_module(run_cfg)
     load_weights(module, plan.checkpoint)

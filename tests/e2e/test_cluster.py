@@ -15,7 +15,8 @@ import torch
 from ..helpers import REPO, clean_env, rendezvous, signal_at
 
 TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-        "eval.n_images=6", "attacks.l2_pgd.steps=3", "attacks.l2_pgd.targets=1",
+        "eval.n_images=6", "attacks=[l2_pgd,linf_pgd]", "eval.pictures=0",
+        "attacks.l2_pgd.steps=3", "attacks.l2_pgd.targets=1",
         "attacks.linf_pgd.steps=3", "attacks.linf_pgd.targets=1", "model.width=8",
         "trainer.enable_progress_bar=false", "eval.progress=false", "logger=none"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # same kernels, same sums in every run compared

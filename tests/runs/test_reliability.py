@@ -31,7 +31,7 @@ from ..helpers import REPO, hold_lock, run_py, signal_at
 
 # A short seeded run: 2 epochs of 11 steps on digits, a small evaluation.
 TINY = ["trainer.max_epochs=2", "model.width=8", "eval.n_images=12", "eval.lipschitz=false",
-        "logger=none", "trainer.deterministic=true"]
+        "attacks=[l2_pgd,linf_pgd]", "eval.pictures=0", "logger=none", "trainer.deterministic=true"]
 
 
 def evaluate_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -153,7 +153,7 @@ def test_a_folder_keeps_its_config_and_an_evaluation_its_own_folder(tmp_path):
     evaluated = evaluate_py(f"ckpt_path={ckpt}", "eval.n_images=12")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     (folder,) = (out / "eval").iterdir()
-    assert folder.name.startswith("l2_pgd+linf_pgd+l2_fmn+linf_fmn-")  # the default attacks
+    assert folder.name.startswith("l2_pgd+linf_pgd-")  # the run's attacks (TINY)
     results = json.loads((folder / "results.json").read_text())
     trained = json.loads((out / "results.json").read_text())
     assert results["status"] == "completed" and results["mode"] == "eval"
