@@ -542,7 +542,8 @@ def _finish(study, spec: TuneSpec, flight: _Flight) -> str:
         trial.set_user_attr(name, value)
     values = [found.get(o) for o in spec.objectives]
     head = f"trial {trial.number}: "
-    if status == "completed" and None not in values:
+    unbroken = [o for o, v in zip(spec.objectives, values) if v is not None and math.isinf(v)]
+    if status == "completed" and None not in values and not unbroken:
         if spec.clean_error_cap is not None:
             excess = found["clean_error"] - spec.clean_error_cap  # feasible: <= 0
             trial.set_user_attr("constraint", [excess])
@@ -551,7 +552,13 @@ def _finish(study, spec: TuneSpec, flight: _Flight) -> str:
         study.tell(trial, values)
         return head + ", ".join(f"{METRICS[n].label} {_number(found[n])}"
                                 for n in ("clean_error", "l2_median")) + f" ({folder.name})"
-    if status == "completed":
+    if status == "completed" and unbroken:
+        # Not told as a value: Optuna's multi-objective TPE (3.x) turns an infinite value into
+        # NaN weights and fails, and an unbroken median is no number to rank a defence by.
+        error = (f"{', '.join(unbroken)} is infinite: more than half the evaluated images "
+                 "withstood every attack; no number to tune on (read the run's checks for "
+                 "gradient masking, or let the attacks search larger sizes)")
+    elif status == "completed":
         error = (f"results.json has no {[o for o, v in zip(spec.objectives, values) if v is None]}"
                  " (the evaluation needs an attack of that norm)")
     elif status is not None:
