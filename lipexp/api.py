@@ -145,7 +145,7 @@ def _network(checkpoint: RunCheckpoint, device: str | torch.device) -> nn.Module
     from lipexp.runs.build import build_module
 
     with torch.random.fork_rng(devices=[]):
-        module = build_module(OmegaConf.create(checkpoint.config))
+        module = build_module(OmegaConf.create(checkpoint.config), training=False)
     load_weights(module, checkpoint)
     return module.net.to(device).eval()
 

@@ -112,6 +112,8 @@ def test_sync_batchnorm_with_the_penalty_is_refused(make_cfg):
     build(make_cfg("trainer.sync_batchnorm=true", "lip.method=fd",
                    "lip.reuse_adv_gradient=true"))  # each pass its own statistics
     build(make_cfg("trainer.sync_batchnorm=true", "lip=none"))  # no double backward: fine
+    # an evaluation of such a checkpoint uses no trainer: nothing to refuse
+    build_module(make_cfg("trainer.sync_batchnorm=true", "lip.method=fd"), training=False)
 
 
 def test_ddp_multirun_runs_each_job_once_in_its_own_folder(tmp_path):

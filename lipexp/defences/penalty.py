@@ -50,7 +50,9 @@ def exact_grad_norms(model: nn.Module, x: Tensor, y: Tensor, dual_norm: int,
       trains through them as through batch norm. Passes: one train-mode forward pass for
       the cross-entropy and the logits (batch norm's one running-statistics update of the
       step), one more with the statistics fixed for the gradient. A network without
-      layers that use batch statistics: the same as ``live`` (one pass).
+      layers that use batch statistics: the same as ``live`` (one pass). The two passes
+      would draw different dropout masks (none of lipexp's models has dropout; so would
+      fd's passes at ``x`` and ``x + h d``).
 
     ``create_graph`` keeps ``g`` differentiable, so the penalty's gradient w.r.t. the
     parameters is exact.

@@ -42,6 +42,13 @@ class Evaluator:
                  grid_points: int = 100, bf16: bool = False, lipschitz: bool = True,
                  jacobian_iterations: int = 20, progress: bool = True,
                  pictures: int = 0) -> None:
+        # an attack's W&B keys are test/<name>_median, ...: a name equal to a norm's would
+        # overwrite the headline test/<norm>_median (ensemble.py), certified_<norm> the radii's
+        reserved = {n.value for n in Norm} | {f"certified_{n.value}" for n in Norm}
+        clash = sorted(set(attacks) & reserved)
+        require(not clash, f"attack name(s) {clash} are taken by the evaluation's own numbers "
+                f"(test/<norm>_median is the best known distance): rename the attack (its file "
+                f"in conf/attacks/, or its key in attacks)")
         self.attacks = dict(attacks)
         self.n_images, self.batch_size, self.grid_points, self.bf16, self.progress = (
             n_images, batch_size, grid_points, bf16, progress)

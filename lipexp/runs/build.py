@@ -21,16 +21,17 @@ from lipexp.runs.provenance import provenance
 MODEL_OPTIONS = ("channels_last", "compile")  # model keys that configure training, not layers
 
 
-def build_module(cfg: DictConfig) -> RobustClassifier:
+def build_module(cfg: DictConfig, training: bool = True) -> RobustClassifier:
     """The LightningModule of a run config (training, or a checkpoint's own config); with
     ``eval.lipschitz``, refuses a network with a layer that has no Lipschitz rule now rather
-    than after training."""
+    than after training. ``training=False`` (an evaluation of a checkpoint): the trainer's
+    settings, which it does not use, are not checked against the penalty."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     # Speed options of the model (+model.channels_last, +model.compile): the module's, not
     # the constructor's.
     options = {k: bool(model_cfg.pop(k, False)) for k in MODEL_OPTIONS}
     perturb, objective, lip = instantiate(cfg.adv), instantiate(cfg.lip), lip_config(cfg.lip)
-    check_fd(lip, perturb, cfg.trainer)  # every fd refusal, before any data is read
+    check_fd(lip, perturb, cfg.trainer if training else None)  # before any data is read
     # fd with J1/J2 takes the clean batch and the attack's gradient; anything else is
     # returned as it is.
     perturb, objective = compose(perturb, objective, lip)

@@ -188,7 +188,7 @@ def _evaluate(plan: EvaluationPlan, results: dict[str, Any]) -> None:
     run_cfg, folder = plan.run_cfg, plan.folder
     fit_threads()  # one process: the CPUs it may use (a container's quota too)
     pl.seed_everything(run_cfg.seed, workers=True)
-    module = build_module(run_cfg)
+    module = build_module(run_cfg, training=False)
     load_weights(module, plan.checkpoint)
     module.to("cuda" if torch.cuda.is_available() else "cpu")
     data = build_datamodule(run_cfg)

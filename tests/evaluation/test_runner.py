@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -163,3 +164,11 @@ def test_callback_without_on_done(tmp_path):
     callback = RobustnessEvaluation(evaluator(), str(tmp_path))
     callback.on_train_end(fake_trainer(TinyData()), SimpleNamespace(net=tiny_net()))
     assert {p.name for p in tmp_path.iterdir()} == OUTPUTS
+
+
+def test_an_attack_named_like_a_headline_number_is_refused():
+    """test/l2_median is the best known distance: an attack named l2 would overwrite it."""
+    for name in ("l2", "linf", "certified_l2"):
+        with pytest.raises(ValueError, match=rf"attack name\(s\) \['{name}'\] are taken"):
+            Evaluator({name: PGDSearch("l2", steps=2)})
+    Evaluator({"l2_pgd2": PGDSearch("l2", steps=2)})  # any other name
