@@ -30,6 +30,7 @@ LAYERS = [
     ("lipexp.module",),  # the LightningModule composing the defences
     ("lipexp.evaluation",),
     ("lipexp.runs",),  # build, the run folder and its session, checkpoints, train, reevaluate
+    ("lipexp.tune",),  # tuning: an Optuna study whose trials are runs
     ("lipexp.report",),
     ("lipexp.cli",),
     ("lipexp.api", "lipexp"),  # the public names for notebooks (lipexp.load_run, ...)

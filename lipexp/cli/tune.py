@@ -1,5 +1,5 @@
 """``lipexp tune SWEEP_FILE [overrides ...]``: robustness-aware tuning, an Optuna study whose
-trials are lipexp runs (lipexp.runs.tune, docs/tuning.md); at the end the sweep folder's
+trials are lipexp runs (lipexp.tune, docs/tuning.md); at the end the sweep folder's
 report with the Pareto front (lipexp.report, lipexp.report.pareto)."""
 
 import argparse
@@ -41,7 +41,8 @@ def tune_command(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"lipexp tune: error: unrecognized arguments: {' '.join(options)}",
               file=sys.stderr)
         return 2
-    from lipexp.runs.tune import TuneError, load_spec, tune
+    from lipexp.tune.spec import TuneError, load_spec
+    from lipexp.tune.trials import tune
 
     try:
         spec = load_spec(args.sweep_file, [*args.overrides, *extra], n_trials=args.n_trials,

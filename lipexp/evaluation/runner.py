@@ -16,7 +16,8 @@ from lipexp.attacks.threat import Norm
 from lipexp.divergence import nonfinite_parameters
 from lipexp.errors import require
 from lipexp.evaluation.evaluate import evaluate, write_outputs
-from lipexp.evaluation.pictures import log_pictures, make_pictures
+from lipexp.evaluation.gallery import log_pictures
+from lipexp.evaluation.pictures import make_pictures
 from lipexp.evaluation.summary import log_evaluation
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from typing import Any
 from matplotlib.figure import Figure  # no pyplot: no global state
 
 from lipexp.files import atomic_path
-from lipexp.runs.tune import METRICS, override_value, read_study
+from lipexp.tune.spec import METRICS, override_value
+from lipexp.tune.study import read_study
 
 FIGURE, TABLE, LISTING = "pareto.png", "pareto.csv", "pareto.md"
 

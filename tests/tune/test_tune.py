@@ -1,4 +1,4 @@
-"""Robustness-aware tuning (``lipexp tune``, lipexp.runs.tune, lipexp.report.pareto): a real
+"""Robustness-aware tuning (``lipexp tune``, lipexp.tune, lipexp.report.pareto): a real
 4-trial study on digits killed after 2 trials and restarted, and the study's logic (search
 space, resume, lost and failed trials, the cap, the front) with a stub run in place of
 training."""
@@ -17,15 +17,9 @@ from types import SimpleNamespace
 import pytest
 
 from lipexp.report.pareto import FIGURE, LISTING, TABLE, pareto_front, pareto_section
-from lipexp.runs.tune import (
-    TrialLaunch,
-    TuneError,
-    load_spec,
-    metrics,
-    read_study,
-    search_space,
-    tune,
-)
+from lipexp.tune.spec import TuneError, load_spec, metrics, search_space
+from lipexp.tune.study import read_study
+from lipexp.tune.trials import TrialLaunch, tune
 
 from ..helpers import REPO
 
