@@ -18,7 +18,8 @@ import hydra
 from omegaconf import DictConfig
 
 from lipexp.config.compat import old_name_errors
-from lipexp.config.schema import register, unknown_choices
+from lipexp.config.overrides import unknown_choices
+from lipexp.config.schema import register
 
 register()
 if __name__ == "__main__" and (refused := old_name_errors(sys.argv[1:]) or unknown_choices(

@@ -10,7 +10,8 @@ import hydra
 from omegaconf import DictConfig
 
 from lipexp.config.compat import old_name_errors
-from lipexp.config.schema import register, unknown_choices
+from lipexp.config.overrides import unknown_choices
+from lipexp.config.schema import register
 from lipexp.runs.ddp_launch import child_argv
 
 register()

@@ -73,7 +73,7 @@ def _check_overrides(target: Path, overrides: list[str]) -> None:
     ``target``, a path that is empty or holds ``${``, or an attack that conf/attacks/ does not
     have."""
     from lipexp.config.compat import old_name_errors
-    from lipexp.config.schema import unknown_choices
+    from lipexp.config.overrides import unknown_choices
     from lipexp.errors import require
 
     refused = [o for o in overrides if not under(override_key(o), (*EVALUATION, *EVAL_PATHS))]

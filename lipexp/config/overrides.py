@@ -1,7 +1,8 @@
 """Hydra overrides as lipexp reads and writes them: an override's key, a value quoted so that
 Hydra reads it back as given (paths can hold ``=`` or ``,``: run folders of lipexp < 0.6
-were named by their overrides, e.g. ``outputs/adv=j2,head=tanh``), and the command that
-evaluates a run again. Imports nothing of lipexp: training, evaluation, the run folder and
+were named by their overrides, e.g. ``outputs/adv=j2,head=tanh``), the command that
+evaluates a run again, and the options of a list-valued group override that conf/ lacks
+(``unknown_choices``). Imports nothing of lipexp: training, evaluation, the run folder and
 the command line all use it.
 """
 
@@ -44,3 +45,28 @@ def reevaluate_command(target: str | Path, overrides: tuple[str, ...] | list[str
     command = (["lipexp"] if script and Path(script).resolve().parent == here.resolve()
                else [sys.executable, "-m", "lipexp.cli"])
     return shlex.join([*command, "eval", str(Path(target).resolve()), *overrides])
+
+
+def unknown_choices(overrides: list[str], conf_dir: str | Path) -> list[str]:
+    """One message per option of a list-valued group override (``attacks=[l2_pgd,bad]``)
+    that ``conf_dir/<group>/`` does not have, listing the options that exist: Hydra's own
+    error for a list names none ("Could not load 'attacks/bad'")."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser, messages = OverridesParser.create(), []
+    for text in overrides:
+        try:
+            (override,) = parser.parse_overrides([text])
+        except OverrideParseException:  # not an override (--cfg job), or a bad one: Hydra says
+            continue
+        group = Path(conf_dir) / override.key_or_group
+        value = override.value()
+        if override.package is not None or not group.is_dir() or not isinstance(value, list):
+            continue
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        for option in value:
+            if str(option) not in options:
+                messages.append(f"{override.key_or_group}={option}: no such option; available "
+                                f"options in '{override.key_or_group}': {', '.join(options)}")
+    return messages

@@ -12,7 +12,6 @@ import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -300,27 +299,3 @@ def validate(cfg: DictConfig) -> None:
     _check_keys(cfg, "")
     OmegaConf.to_object(cfg)
 
-
-def unknown_choices(overrides: list[str], conf_dir: str | Path) -> list[str]:
-    """One message per option of a list-valued group override (``attacks=[l2_pgd,bad]``)
-    that ``conf_dir/<group>/`` does not have, listing the options that exist: Hydra's own
-    error for a list names none ("Could not load 'attacks/bad'")."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    parser, messages = OverridesParser.create(), []
-    for text in overrides:
-        try:
-            (override,) = parser.parse_overrides([text])
-        except OverrideParseException:  # not an override (--cfg job), or a bad one: Hydra says
-            continue
-        group = Path(conf_dir) / override.key_or_group
-        value = override.value()
-        if override.package is not None or not group.is_dir() or not isinstance(value, list):
-            continue
-        options = sorted(p.stem for p in group.glob("*.yaml"))
-        for option in value:
-            if str(option) not in options:
-                messages.append(f"{override.key_or_group}={option}: no such option; available "
-                                f"options in '{override.key_or_group}': {', '.join(options)}")
-    return messages
