@@ -1,6 +1,7 @@
 """The runs of a folder: every results.json (and every Hydra job folder without one) as a
 ``Run``, the completed ones grouped by grid = (data, model) and defence (the study's names,
-lipexp.config.naming), and the config differences between the seeds of one defence."""
+lipexp.config.naming; one row per training setting: ``group_runs``), and the config
+differences between the seeds of one row."""
 
 import json
 from collections.abc import Mapping
@@ -86,16 +87,50 @@ def _seed_key(run: Run) -> tuple:
 
 def group_runs(runs: list[Run]) -> dict[tuple[str, str], dict[str, list[Run]]]:
     """Completed training runs as {(data, model): {defence: [runs by seed]}}, grids sorted
-    by name, defences in the study's order. Re-evaluations (evaluate.py) of a checkpoint
-    are left out: they are not further seeds."""
+    by name, defences in the study's order. Runs of one defence that trained differently
+    (``TRAINED_BY``: another ``lip.lam``, ``adv.eps``, ... as in a lambda sweep or a tuning
+    study) are not seeds of one row: each setting is its own row, named by the keys that
+    differ (``J2-Lip2 & tanh (lip.lam=0.3)``), by increasing value. Re-evaluations
+    (evaluate.py) of a checkpoint are left out: they are not further seeds."""
     grids: dict[tuple[str, str], dict[str, list[Run]]] = {}
     for run in runs:
         if run.status == "completed" and run.results.get("mode") != "eval":
             grid = (data_name(run.config), model_name(run.config))
             grids.setdefault(grid, {}).setdefault(defence_name(run.config), []).append(run)
-    return {grid: {name: sorted(defences[name], key=_seed_key)
-                   for name in sorted(defences, key=defence_sort_key)}
-            for grid, defences in sorted(grids.items())}
+    out: dict[tuple[str, str], dict[str, list[Run]]] = {}
+    for grid, defences in sorted(grids.items()):
+        rows = out.setdefault(grid, {})
+        for name in sorted(defences, key=defence_sort_key):
+            for label, group in _by_training(name, defences[name]):
+                rows[label] = sorted(group, key=_seed_key)
+    return out
+
+
+# Config keys (prefixes) that make a different trained model: runs of one defence differing
+# in one of them (other than EXPECTED_DIFFERENCES) are different rows, not seeds.
+TRAINED_BY = ("adv.", "lip.", "head.", "model.", "optimizer.", "scheduler.", "data.",
+              "trainer.max_epochs")
+
+
+def _by_training(name: str, runs: list[Run]) -> list[tuple[str, list[Run]]]:
+    """``runs`` of the defence ``name`` split by their values of the ``TRAINED_BY`` keys that
+    differ among them: ``[(row name, runs)]`` by increasing values (one row: ``name``)."""
+    flats = [config_values(r) for r in runs]
+    keys = sorted(k for k in set().union(*flats)
+                  if k.startswith(TRAINED_BY) and not k.startswith(EXPECTED_DIFFERENCES)
+                  and len({f.get(k) for f in flats}) > 1)
+    if not keys:
+        return [(name, runs)]
+    groups: dict[tuple, list[Run]] = {}
+    for run, flat in zip(runs, flats):
+        groups.setdefault(tuple(flat.get(k, "null") for k in keys), []).append(run)
+
+    def order(values: tuple) -> list:
+        parsed = [json.loads(v) for v in values]
+        return [(0, v, "") if isinstance(v, int | float) else (1, 0, str(v)) for v in parsed]
+
+    return [(f"{name} ({', '.join(f'{k}={v}' for k, v in zip(keys, values))})", groups[values])
+            for values in sorted(groups, key=order)]
 
 
 def config_values(run: Run) -> dict[str, str]:

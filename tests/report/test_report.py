@@ -317,17 +317,27 @@ def test_report_csvs_and_figures(sweep):
     assert not [p for p in sweep.iterdir() if p.name.startswith(".")]
 
 
-def test_report_flags_seeds_of_different_configs(tmp_path):
-    """Two runs named J2-Lip2 with different lambdas are aggregated, but the report says so."""
-    for job, lam in (("a", 0.1), ("b", 0.3)):
-        config = cfg(tmp_path, job, "j2", "lip2")
+def test_runs_that_trained_differently_are_rows_and_other_differences_notes(tmp_path):
+    """Runs named J2-Lip2 with different lambdas (a lambda sweep, a tuning study) are one row
+    per lambda, named by it, by increasing value, each with its own seeds; runs of one
+    lambda that differ in an evaluation setting stay one row, and the report says so."""
+    for job, lam, seed in (("a", 0.3, 0), ("b", 0.1, 0), ("c", 0.1, 1), ("d", 0.1, 1)):
+        config = cfg(tmp_path, job, "j2", "lip2", seed=seed)
         config["lip"]["lam"] = lam
+        if job == "d":
+            config["eval"]["grid_points"] = 7  # how it was evaluated, not trained
         write_run(tmp_path, job, results_json(config, 0.1, (0.2, [0.1] * 7), (0.01, [0.1] * 4),
                                               (1, 1, 1, 1, 1)))
     summary = report(tmp_path)
-    assert summary["rows"][0]["notes"] == ["runs differ in `lip.lam`", "seed 0 occurs more "
-                                           "than once"]
-    assert "- J2-Lip2: runs differ in `lip.lam`" in (tmp_path / "report.md").read_text()
+    rows = {r["defence"]: r for r in summary["rows"]}
+    assert list(rows) == ["J2-Lip2 (lip.lam=0.1)", "J2-Lip2 (lip.lam=0.3)"]
+    assert rows["J2-Lip2 (lip.lam=0.1)"]["folders"] == ["b", "c", "d"]
+    assert rows["J2-Lip2 (lip.lam=0.3)"]["n_seeds"] == 1 and rows["J2-Lip2 (lip.lam=0.3)"][
+        "notes"] == []
+    assert rows["J2-Lip2 (lip.lam=0.1)"]["notes"] == ["runs differ in `eval.grid_points`",
+                                                     "seed 1 occurs more than once"]
+    assert "- J2-Lip2 (lip.lam=0.1): runs differ in `eval.grid_points`" in (
+        tmp_path / "report.md").read_text()
 
 
 def test_seed_differences_that_change_no_numbers_are_not_flagged(tmp_path):
