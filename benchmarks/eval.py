@@ -90,7 +90,7 @@ def trained_problem(path: str, n: int, device: torch.device):
 
     checkpoint = load_run_checkpoint(path)
     cfg = OmegaConf.create(checkpoint.config)
-    module = build_module(cfg)
+    module = build_module(cfg, training=False)  # a checkpoint evaluated: no trainer checks
     load_weights(module, checkpoint)
     data = build_datamodule(cfg)
     data.setup("test")

@@ -19,10 +19,10 @@ def plot_grid(path: Path, title: str, defences: dict[str, list[Run]]) -> None:
     left edge; further seeds thin, without band."""
     fig = Figure(figsize=(9, 4.8), layout="constrained")
     ax = fig.subplots()
-    bases: list[str] = []  # defence names without " & tanh": one colour each
+    bases: list[str] = []  # row names without " & tanh": one colour each (a setting's own)
     several = False
     for name, runs in defences.items():
-        base = name.removesuffix(" & tanh")
+        base = name.replace(" & tanh", "", 1)  # J2-Lip2 & tanh (lip.lam=0.3): J2-Lip2 (...)
         bases += [base] if base not in bases else []
         style = {"color": f"C{bases.index(base) % 10}", "ls": "--" if base != name else "-"}
         curves = [c for c in (lookup(best_entry(r.results, "l2"), "curve") for r in runs) if c]

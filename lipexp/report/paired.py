@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from lipexp.evaluation.intervals import paired_ratio
-from lipexp.report.runs import Run
+from lipexp.report.runs import Run, config_values, setting_keys
 
 BASELINE = "J0"  # the study's undefended training, the row each defence is compared with
 
@@ -57,16 +57,41 @@ def _pairs(runs: list[Run], baseline: list[Run], norm: str
     return np.concatenate(pooled_a), np.concatenate(pooled_b), seeds
 
 
+def baseline_rows(defences: dict[str, list[Run]], baseline: str = BASELINE
+                  ) -> dict[str, list[Run] | None]:
+    """Each row's baseline runs: the baseline defence's row, or where the baseline trained in
+    several settings (rows ``J0 (model.width=8)``, ...: lipexp.report.runs.group_runs), the
+    one whose values of the keys that tell them apart are the row's own (None: no such
+    row, or not exactly one)."""
+    rows = {name: runs for name, runs in defences.items()
+            if name == baseline or name.startswith(baseline + " (")}
+    if len(rows) <= 1:
+        only = next(iter(rows.values()), None)
+        return {name: only for name in defences}
+    keys = setting_keys([r for runs in rows.values() for r in runs])
+    values = {name: {k: config_values(runs[0]).get(k) for k in keys}
+              for name, runs in rows.items()}
+    out: dict[str, list[Run] | None] = {}
+    for name, runs in defences.items():
+        mine = config_values(runs[0])
+        match = [b for b, v in values.items() if all(mine.get(k) == v[k] for k in keys)]
+        out[name] = rows[match[0]] if len(match) == 1 else None
+    return out
+
+
 def baseline_ratios(defences: dict[str, list[Run]], norm: str = "l2",
                     baseline: str = BASELINE) -> dict[str, dict | None]:
     """For each defence of a grid: ``{"ratio", "interval", "differs", "n_seeds",
-    "n_images"}`` of its best known median ``norm`` distance over the baseline's (None where
-    nothing pairs: no baseline row, no distances.npz, no common seed or image)."""
-    if baseline not in defences:
-        return {name: None for name in defences}
+    "n_images"}`` of its best known median ``norm`` distance over its baseline row's
+    (``baseline_rows``; None where nothing pairs: no baseline row, no distances.npz, no
+    common seed or image)."""
+    bases = baseline_rows(defences, baseline)
     out: dict[str, dict | None] = {}
     for name, runs in defences.items():
-        a, b, seeds = _pairs(runs, defences[baseline], norm)
+        if bases[name] is None:
+            out[name] = None
+            continue
+        a, b, seeds = _pairs(runs, bases[name], norm)
         out[name] = (paired_ratio(a, b) | {"n_seeds": seeds, "n_images": int(a.size)}
                      if a.size else None)
     return out

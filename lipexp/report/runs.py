@@ -11,7 +11,7 @@ from typing import Any
 
 from lipexp.config.compat import upgrade_results
 from lipexp.config.naming import data_name, defence_name, defence_sort_key, model_name
-from lipexp.runs.differences import CHANGEABLE, flat_config
+from lipexp.runs.differences import CHANGEABLE, _changeable, flat_config
 from lipexp.runs.folder import RunFolder
 
 # Config keys (prefixes) whose differences between the seeds of one defence are expected, not
@@ -22,7 +22,7 @@ from lipexp.runs.folder import RunFolder
 # their numbers; and all of "recipe.": the recipe's values are compared where they are used
 # (trainer.max_epochs, optimizer.lr, scheduler.milestones, ...), which a command line may
 # override directly.
-EXPECTED_DIFFERENCES = ("seed", "recipe.",
+EXPECTED_DIFFERENCES = ("seed", "recipe.",  # matched by ``expected``
                         *(key for key in CHANGEABLE if key != "trainer.max_epochs"))
 
 
@@ -107,30 +107,59 @@ def group_runs(runs: list[Run]) -> dict[tuple[str, str], dict[str, list[Run]]]:
 
 
 # Config keys (prefixes) that make a different trained model: runs of one defence differing
-# in one of them (other than EXPECTED_DIFFERENCES) are different rows, not seeds.
+# in one of them (other than the expected differences) are different rows, not seeds. The
+# model's speed options (lipexp.runs.build.MODEL_OPTIONS) train the same model.
 TRAINED_BY = ("adv.", "lip.", "head.", "model.", "optimizer.", "scheduler.", "data.",
               "trainer.max_epochs")
+SAME_MODEL = ("model.channels_last", "model.compile")
+
+
+def expected(key: str) -> bool:
+    """Whether seeds of one row may differ in the dotted ``key`` (``EXPECTED_DIFFERENCES``,
+    matched as lipexp.config.identity matches ``CHANGEABLE``: a section, or the key itself
+    and its sub-keys; ``mode`` does not cover ``model.width``)."""
+    return _changeable(key, EXPECTED_DIFFERENCES)
+
+
+def setting_keys(runs: list[Run]) -> list[str]:
+    """The ``TRAINED_BY`` keys, held by every run, whose values differ among ``runs`` (a key
+    only some runs hold, e.g. one added by a later lipexp, is left to ``config_notes``)."""
+    flats = [config_values(r) for r in runs]
+    common = set(flats[0]).intersection(*flats[1:]) if flats else set()
+    return sorted(k for k in common if k.startswith(TRAINED_BY) and k not in SAME_MODEL
+                  and not expected(k) and len({f[k] for f in flats}) > 1)
+
+
+def _shown(text: str, digits: int | None) -> str:
+    """A JSON value as a row name shows it: floats to ``digits`` significant digits."""
+    value = json.loads(text)
+    if digits is not None and isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return text.strip('"') if isinstance(value, str) else text
 
 
 def _by_training(name: str, runs: list[Run]) -> list[tuple[str, list[Run]]]:
-    """``runs`` of the defence ``name`` split by their values of the ``TRAINED_BY`` keys that
-    differ among them: ``[(row name, runs)]`` by increasing values (one row: ``name``)."""
-    flats = [config_values(r) for r in runs]
-    keys = sorted(k for k in set().union(*flats)
-                  if k.startswith(TRAINED_BY) and not k.startswith(EXPECTED_DIFFERENCES)
-                  and len({f.get(k) for f in flats}) > 1)
+    """``runs`` of the defence ``name`` split by their values of ``setting_keys``:
+    ``[(row name, runs)]`` by increasing values (one row: ``name``); floats to 4 significant
+    digits where that keeps the names apart."""
+    keys = setting_keys(runs)
     if not keys:
         return [(name, runs)]
     groups: dict[tuple, list[Run]] = {}
-    for run, flat in zip(runs, flats):
-        groups.setdefault(tuple(flat.get(k, "null") for k in keys), []).append(run)
+    for run in runs:
+        flat = config_values(run)
+        groups.setdefault(tuple(flat[k] for k in keys), []).append(run)
 
     def order(values: tuple) -> list:
         parsed = [json.loads(v) for v in values]
         return [(0, v, "") if isinstance(v, int | float) else (1, 0, str(v)) for v in parsed]
 
-    return [(f"{name} ({', '.join(f'{k}={v}' for k, v in zip(keys, values))})", groups[values])
-            for values in sorted(groups, key=order)]
+    def label(values: tuple, digits: int | None) -> str:
+        return f"{name} ({', '.join(f'{k}={_shown(v, digits)}' for k, v in zip(keys, values))})"
+
+    ordered = sorted(groups, key=order)
+    digits = 4 if len({label(v, 4) for v in ordered}) == len(ordered) else None
+    return [(label(values, digits), groups[values]) for values in ordered]
 
 
 def config_values(run: Run) -> dict[str, str]:
@@ -157,8 +186,7 @@ def config_notes(runs: list[Run]) -> list[str]:
     notes = []
     flats = [config_values(r) for r in runs]
     keys = sorted(set().union(*flats))
-    differing = [k for k in keys if not k.startswith(EXPECTED_DIFFERENCES)
-                 and len({f.get(k) for f in flats}) > 1]
+    differing = [k for k in keys if not expected(k) and len({f.get(k) for f in flats}) > 1]
     if differing:
         notes.append("runs differ in " + ", ".join(f"`{k}`" for k in differing))
     seeds = [r.config.get("seed") for r in runs]

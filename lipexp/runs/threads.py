@@ -1,10 +1,11 @@
 """Torch's CPU threads fitted to the CPUs this process may use.
 
-torch starts one intra-op thread per visible core, but a container's CPU quota (docker
+torch starts one intra-op thread per core it sees, but a container's CPU quota (docker
 ``--cpus``, Kubernetes limits, some CI machines) does not hide cores: on a host with 64 cores
 and a 2-CPU quota, 64 threads share 2 CPUs' time and small models run tens of times slower
-(a 2-epoch digits run: 1 s on 2 visible cores, 54 s on such a machine). joblib's ``cpu_count``
-(loky) already reads the cgroup v1/v2 quota and the affinity mask, so it is used as is.
+(a 2-epoch digits run: 1 s on 2 visible cores, 54 s on such a machine). Lightning's DDP
+divides the CPUs of the affinity mask among its processes, blind to quotas. joblib's
+``cpu_count`` (loky) reads the cgroup v1/v2 quota and the affinity mask, so it is used as is.
 """
 
 import logging
@@ -15,18 +16,37 @@ from joblib import cpu_count
 
 log = logging.getLogger(__name__)
 
+# Read once, when lipexp starts: whether the user (or a parent process) chose the threads,
+# and torch's own number, the most a run gets. fit_threads sets OMP_NUM_THREADS itself for
+# the processes a run starts, so the variable as it is later is no longer the user's word.
+USERS_CHOICE = os.environ.get("OMP_NUM_THREADS")
+TORCH_DEFAULT = torch.get_num_threads()
+
 
 def fit_threads(processes: int = 1) -> int:
-    """Cap torch's intra-op threads at ``cpu_count() // processes`` (at least one) unless
-    ``OMP_NUM_THREADS`` chose them; also sets ``OMP_NUM_THREADS`` to that number, so that
-    processes started from this one (Lightning's DDP ranks, whose own default divides
-    ``os.cpu_count()``, blind to quotas) keep it. Returns the threads torch now uses."""
-    if "OMP_NUM_THREADS" in os.environ:
+    """Torch's intra-op threads: ``min(torch's default, cpu_count() // processes)``, at least
+    one, where ``processes`` is the number of this node's processes that share its CPUs;
+    ``OMP_NUM_THREADS``, where set when lipexp started, decides instead. Also sets
+    ``OMP_NUM_THREADS`` to that number, so that the processes started from this one
+    (Lightning's DDP ranks) keep it. Every call fits anew (the jobs of a sweep in one
+    process may differ in ``trainer.devices``). Returns the threads torch now uses."""
+    if USERS_CHOICE is not None:
         return torch.get_num_threads()  # the user's choice, or a parent's
-    budget = max(1, cpu_count() // max(1, processes))
-    if torch.get_num_threads() > budget:
-        log.info("torch threads: %d -> %d (the CPUs this process may use, cgroup quota and "
-                 "affinity; OMP_NUM_THREADS=N chooses)", torch.get_num_threads(), budget)
-        torch.set_num_threads(budget)
-    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-    return torch.get_num_threads()
+    threads = max(1, min(TORCH_DEFAULT, cpu_count() // max(1, processes)))
+    if threads != torch.get_num_threads():
+        log.info("torch threads: %d -> %d (of %d CPUs this process may use, cgroup quota and "
+                 "affinity, for %d process(es); OMP_NUM_THREADS=N chooses)",
+                 torch.get_num_threads(), threads, cpu_count(), processes)
+        torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
+
+
+def node_processes(trainer) -> int:
+    """The processes of this node that share its CPUs: the trainer's devices where Lightning
+    starts the ranks itself, one where a cluster started each rank (srun, torchrun: each gets
+    its own CPUs, e.g. SLURM's ``cpus_per_task``, in its affinity mask)."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if environment is not None and environment.creates_processes_externally:
+        return 1
+    return max(1, int(trainer.num_devices))

@@ -20,7 +20,7 @@ from lipexp.runs.loggers import closing_logger
 from lipexp.runs.provenance import provenance
 from lipexp.runs.session import session
 from lipexp.runs.stopping import GracefulStop
-from lipexp.runs.threads import fit_threads
+from lipexp.runs.threads import fit_threads, node_processes
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _train(cfg: DictConfig, folder: RunFolder, resume: bool, stop: GracefulStop,
     module, data = build_module(cfg), build_datamodule(cfg)
     callback = RobustnessEvaluation(evaluator, str(folder.path), on_done=evaluated.append)
     trainer = build_trainer(cfg, module, [stop, RunState(), callback])
-    fit_threads(trainer.num_devices)  # this node's processes share its CPUs (a CPU quota too)
+    fit_threads(node_processes(trainer))  # this node's processes share its CPUs (and quota)
     with closing_logger(trainer.logger) as logger:
         if logger:
             logger.log_hyperparams(module.config)

@@ -79,3 +79,23 @@ def test_runs_before_the_ensemble_fall_back_to_their_pgd_search():
     old = {"attacks": {"l2_pgd": {"median": 0.7, "n_unbroken": 0}}}
     assert stat.get(old) == 0.7
     assert isinstance(stat, Stat) and stat.interval(old) is None
+
+
+def test_a_baseline_trained_in_several_settings_pairs_each_row_with_its_own(tmp_path):
+    """J0 and J2 each at two widths (rows named by the width, lipexp.report.runs): each J2
+    row is compared with the J0 row of its width, not with nothing."""
+    rng = np.random.default_rng(1)
+    defences, base = {}, {}
+    for width in (8, 16):
+        base[width] = rng.exponential(size=50)
+        for name, factor in (("J0", 1.0), ("J2", 1.5 if width == 8 else 2.0)):
+            r = run(tmp_path / f"{name}_{width}", 0, base[width] * factor)
+            r.results["config"]["model"] = {"width": width}
+            defences[f"{name} (model.width={width})"] = [r]
+    ratios = baseline_ratios(defences)
+    assert ratios["J2 (model.width=8)"]["ratio"] == paired_ratio(base[8] * 1.5, base[8])["ratio"]
+    assert ratios["J2 (model.width=16)"]["ratio"] == paired_ratio(base[16] * 2, base[16])["ratio"]
+    assert ratios["J0 (model.width=16)"]["ratio"] == 1.0
+    del defences["J0 (model.width=16)"]  # one J0 row left: every row is compared with it
+    assert baseline_ratios(defences)["J2 (model.width=16)"]["ratio"] == paired_ratio(
+        base[16] * 2, base[8])["ratio"]

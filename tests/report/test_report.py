@@ -19,7 +19,7 @@ from lipexp.config.naming import STUDY_ORDER, data_name, defence_name, model_nam
 from lipexp.evaluation.curves import size_key
 from lipexp.files import write_json_atomic
 from lipexp.report import report
-from lipexp.report.runs import Run, config_notes
+from lipexp.report.runs import Run, config_notes, group_runs
 
 from ..helpers import FIXTURES, REPO
 
@@ -338,6 +338,27 @@ def test_runs_that_trained_differently_are_rows_and_other_differences_notes(tmp_
                                                      "seed 1 occurs more than once"]
     assert "- J2-Lip2 (lip.lam=0.1): runs differ in `eval.grid_points`" in (
         tmp_path / "report.md").read_text()
+
+
+def test_row_names_show_what_trained_differently_and_only_that(tmp_path):
+    """A model width splits rows (``mode``, a changeable key, covers no ``model.*``); a speed
+    option, or a key only some runs hold (a setting of a later lipexp), does not; floats
+    are shown to 4 significant digits."""
+    runs = []
+    for job, (lam, width, extra) in enumerate([(0.123456789, 8, {}), (0.123456789, 16, {}),
+                                               (0.2, 8, {"new_key": 1}), (0.2, 8, {})]):
+        config = cfg(tmp_path, str(job), "j2", "lip2", seed=job)
+        config["lip"]["lam"], config["model"]["width"] = lam, width
+        config["lip"] |= extra
+        config["model"]["channels_last"] = job % 2 == 0
+        runs.append(Run(tmp_path / str(job), "completed", {"config": config}))
+    (rows,) = group_runs(runs).values()
+    assert {k: [r.folder.name for r in v] for k, v in rows.items()} == {
+        "J2-Lip2 (lip.lam=0.1235, model.width=8)": ["0"],
+        "J2-Lip2 (lip.lam=0.1235, model.width=16)": ["1"],
+        "J2-Lip2 (lip.lam=0.2, model.width=8)": ["2", "3"]}
+    assert config_notes(rows["J2-Lip2 (lip.lam=0.2, model.width=8)"]) == [
+        "runs differ in `lip.new_key`, `model.channels_last`"]
 
 
 def test_seed_differences_that_change_no_numbers_are_not_flagged(tmp_path):
