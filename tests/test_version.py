@@ -3,7 +3,11 @@
 import importlib
 import importlib.metadata
 
+import pytest
+
 from lipexp import version as v
+
+pytest.importorskip("tomllib", reason="Python 3.10: no tomllib, the metadata's version")
 
 
 def test_the_source_trees_version_wins_over_stale_metadata(monkeypatch):

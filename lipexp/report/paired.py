@@ -57,24 +57,26 @@ def _pairs(runs: list[Run], baseline: list[Run], norm: str
     return np.concatenate(pooled_a), np.concatenate(pooled_b), seeds
 
 
+# Keys that make a defence what it is (the study's names): the baseline differs in them by
+# definition; every other training key must agree for a pair (lipexp.report.runs).
+DEFENCE_KEYS = ("adv.", "lip.", "head.")
+
+
 def baseline_rows(defences: dict[str, list[Run]], baseline: str = BASELINE
                   ) -> dict[str, list[Run] | None]:
-    """Each row's baseline runs: the baseline defence's row, or where the baseline trained in
-    several settings (rows ``J0 (model.width=8)``, ...: lipexp.report.runs.group_runs), the
-    one whose values of the keys that tell them apart are the row's own (None: no such
-    row, or not exactly one)."""
+    """Each row's baseline runs: the baseline defence's row that trained as the row did, in
+    every training key both hold but the defence's own (``DEFENCE_KEYS``): the same model
+    width, optimizer, epochs, ... (rows ``J0 (model.width=8)``, ...: group_runs). None where
+    no baseline row, or more than one, matches."""
     rows = {name: runs for name, runs in defences.items()
             if name == baseline or name.startswith(baseline + " (")}
-    if len(rows) <= 1:
-        only = next(iter(rows.values()), None)
-        return {name: only for name in defences}
-    keys = setting_keys([r for runs in rows.values() for r in runs])
-    values = {name: {k: config_values(runs[0]).get(k) for k in keys}
-              for name, runs in rows.items()}
     out: dict[str, list[Run] | None] = {}
     for name, runs in defences.items():
+        keys = [k for k in setting_keys([*runs, *(r for b in rows.values() for r in b)])
+                if not k.startswith(DEFENCE_KEYS)]
         mine = config_values(runs[0])
-        match = [b for b, v in values.items() if all(mine.get(k) == v[k] for k in keys)]
+        match = [b for b, base in rows.items()
+                 if all(mine[k] == config_values(base[0])[k] for k in keys)]
         out[name] = rows[match[0]] if len(match) == 1 else None
     return out
 

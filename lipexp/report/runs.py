@@ -11,6 +11,7 @@ from typing import Any
 
 from lipexp.config.compat import upgrade_results
 from lipexp.config.naming import data_name, defence_name, defence_sort_key, model_name
+from lipexp.runs.build import MODEL_OPTIONS  # speed options: the same trained model
 from lipexp.runs.differences import CHANGEABLE, _changeable, flat_config
 from lipexp.runs.folder import RunFolder
 
@@ -111,7 +112,7 @@ def group_runs(runs: list[Run]) -> dict[tuple[str, str], dict[str, list[Run]]]:
 # model's speed options (lipexp.runs.build.MODEL_OPTIONS) train the same model.
 TRAINED_BY = ("adv.", "lip.", "head.", "model.", "optimizer.", "scheduler.", "data.",
               "trainer.max_epochs")
-SAME_MODEL = ("model.channels_last", "model.compile")
+SAME_MODEL = tuple(f"model.{option}" for option in MODEL_OPTIONS)
 
 
 def expected(key: str) -> bool:
@@ -126,16 +127,20 @@ def setting_keys(runs: list[Run]) -> list[str]:
     only some runs hold, e.g. one added by a later lipexp, is left to ``config_notes``)."""
     flats = [config_values(r) for r in runs]
     common = set(flats[0]).intersection(*flats[1:]) if flats else set()
-    return sorted(k for k in common if k.startswith(TRAINED_BY) and k not in SAME_MODEL
-                  and not expected(k) and len({f[k] for f in flats}) > 1)
+    return sorted(k for k in common if k.startswith(TRAINED_BY)
+                  and not _changeable(k, SAME_MODEL) and not expected(k)
+                  and len({f[k] for f in flats}) > 1)
 
 
 def _shown(text: str, digits: int | None) -> str:
-    """A JSON value as a row name shows it: floats to ``digits`` significant digits."""
+    """A JSON value as a row name shows it: floats to ``digits`` significant digits and
+    strings unquoted; ``digits=None``: the JSON text itself (``1`` and ``"1"`` apart)."""
+    if digits is None:
+        return text
     value = json.loads(text)
-    if digits is not None and isinstance(value, float):
+    if isinstance(value, float):
         return f"{value:.{digits}g}"
-    return text.strip('"') if isinstance(value, str) else text
+    return value if isinstance(value, str) else text
 
 
 def _by_training(name: str, runs: list[Run]) -> list[tuple[str, list[Run]]]:
@@ -158,7 +163,7 @@ def _by_training(name: str, runs: list[Run]) -> list[tuple[str, list[Run]]]:
         return f"{name} ({', '.join(f'{k}={_shown(v, digits)}' for k, v in zip(keys, values))})"
 
     ordered = sorted(groups, key=order)
-    digits = 4 if len({label(v, 4) for v in ordered}) == len(ordered) else None
+    digits = 4 if len({label(v, 4) for v in ordered}) == len(ordered) else None  # else exact
     return [(label(values, digits), groups[values]) for values in ordered]
 
 

@@ -83,7 +83,7 @@ def test_runs_before_the_ensemble_fall_back_to_their_pgd_search():
 
 def test_a_baseline_trained_in_several_settings_pairs_each_row_with_its_own(tmp_path):
     """J0 and J2 each at two widths (rows named by the width, lipexp.report.runs): each J2
-    row is compared with the J0 row of its width, not with nothing."""
+    row is compared with the J0 row of its width, and with none where J0 lacks its width."""
     rng = np.random.default_rng(1)
     defences, base = {}, {}
     for width in (8, 16):
@@ -96,6 +96,7 @@ def test_a_baseline_trained_in_several_settings_pairs_each_row_with_its_own(tmp_
     assert ratios["J2 (model.width=8)"]["ratio"] == paired_ratio(base[8] * 1.5, base[8])["ratio"]
     assert ratios["J2 (model.width=16)"]["ratio"] == paired_ratio(base[16] * 2, base[16])["ratio"]
     assert ratios["J0 (model.width=16)"]["ratio"] == 1.0
-    del defences["J0 (model.width=16)"]  # one J0 row left: every row is compared with it
-    assert baseline_ratios(defences)["J2 (model.width=16)"]["ratio"] == paired_ratio(
-        base[16] * 2, base[8])["ratio"]
+    del defences["J0 (model.width=16)"]  # no J0 of width 16: nothing to pair with, rather
+    ratios = baseline_ratios(defences)  # than a ratio mixing the width with the defence
+    assert ratios["J2 (model.width=16)"] is None
+    assert ratios["J2 (model.width=8)"]["ratio"] == paired_ratio(base[8] * 1.5, base[8])["ratio"]

@@ -359,6 +359,11 @@ def test_row_names_show_what_trained_differently_and_only_that(tmp_path):
         "J2-Lip2 (lip.lam=0.2, model.width=8)": ["2", "3"]}
     assert config_notes(rows["J2-Lip2 (lip.lam=0.2, model.width=8)"]) == [
         "runs differ in `lip.new_key`, `model.channels_last`"]
+    for run, value in zip(runs, (1, "1", 1, "1")):  # equal once unquoted: shown as JSON
+        run.results["config"]["model"] |= {"width": 8, "act": value}
+        run.results["config"]["lip"]["lam"] = 0.1
+    (rows,) = group_runs(runs).values()
+    assert list(rows) == ['J2-Lip2 (model.act=1)', 'J2-Lip2 (model.act="1")']
 
 
 def test_seed_differences_that_change_no_numbers_are_not_flagged(tmp_path):

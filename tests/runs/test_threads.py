@@ -17,6 +17,7 @@ def fitting(monkeypatch):
     monkeypatch.setattr(threads, "USERS_CHOICE", None)
     monkeypatch.setattr(threads, "TORCH_DEFAULT", 4)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # monkeypatch restores the variable
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     yield monkeypatch
     torch.set_num_threads(n)
 
@@ -37,6 +38,16 @@ def test_each_call_fits_anew_at_most_torchs_default_and_at_least_one(fitting):
     assert os.environ["OMP_NUM_THREADS"] == "4"
     fitting.setattr(threads, "cpu_count", lambda: 1)
     assert threads.fit_threads(processes=4) == 1
+
+
+def test_a_slurm_task_gets_at_most_its_cpus_per_task(fitting):
+    """Without CPU binding a task's affinity mask is the whole allocation (here 16)."""
+    fitting.setattr(threads, "TORCH_DEFAULT", 32)
+    fitting.setattr(threads, "cpu_count", lambda: 16)
+    fitting.setenv("SLURM_CPUS_PER_TASK", "4")
+    assert threads.fit_threads() == 4
+    fitting.setenv("SLURM_CPUS_PER_TASK", "")
+    assert threads.fit_threads() == 16
 
 
 def test_omp_num_threads_at_start_is_the_users_choice(fitting):
