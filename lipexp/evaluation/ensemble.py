@@ -13,6 +13,7 @@ import numpy as np
 
 from lipexp.attacks.distance import DistanceAttack
 from lipexp.attacks.threat import Norm
+from lipexp.evaluation.curves import median_distance
 from lipexp.evaluation.intervals import optimality
 
 
@@ -42,7 +43,7 @@ def headline_gaps(results: Mapping, distances: Mapping[str, np.ndarray], best: n
     ``median_a / median_best - 1`` (>= 0; None when a median is 0 or +inf; its own median
     is ``results["attacks"][a]["median"]``) and its ``optimality`` (intervals.py: 1.0 = the
     best example for every image)."""
-    best_median = float(np.sort(best)[int(np.ceil(best.size / 2)) - 1])  # the lower median
+    best_median = median_distance(best)
     medians = {a: results["attacks"][a].get("median") for a in best_count}
     gap = {a: (m / best_median - 1.0 if m is not None and np.isfinite(m) and m > 0
                and 0 < best_median < np.inf else None) for a, m in medians.items()}

@@ -42,13 +42,14 @@ def _infinite_median(entry: Any) -> bool:
     return isinstance(entry, dict) and entry.get("median", 0) is None and "n_unbroken" in entry
 
 
-def _median(attack: str) -> Callable[[dict], Any]:
-    """Getter of the median distance of ``attack``: +inf where results.json has a null median
-    with ``n_unbroken`` (more than half the images unbroken; strict JSON has no Infinity),
-    None where the entry is missing."""
+def _median(attack: str, entry_of: Callable[[dict], Any] | None = None
+            ) -> Callable[[dict], Any]:
+    """Getter of the median distance of ``attack`` (or of the entry ``entry_of(results)``):
+    +inf where results.json has a null median with ``n_unbroken`` (more than half the images
+    unbroken; strict JSON has no Infinity), None where the entry is missing."""
 
     def get(results: dict) -> Any:
-        entry = lookup(results, "attacks", attack)
+        entry = entry_of(results) if entry_of else lookup(results, "attacks", attack)
         return math.inf if _infinite_median(entry) else lookup(entry, "median")
 
     return get
@@ -73,11 +74,7 @@ def best_entry(results: dict, norm: str) -> dict | None:
 
 
 def _best_median(norm: str) -> Callable[[dict], Any]:
-    def get(results: dict) -> Any:
-        entry = best_entry(results, norm)
-        return math.inf if _infinite_median(entry) else lookup(entry, "median")
-
-    return get
+    return _median(norm, entry_of=lambda results: best_entry(results, norm))
 
 
 def _best_median_interval(norm: str) -> Callable[[dict], Any]:

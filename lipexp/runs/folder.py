@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lipexp.config.overrides import reevaluate_command
-from lipexp.errors import Stopped
 from lipexp.files import atomic_path, write_json_atomic
 from lipexp.runs.differences import config_differences
 from lipexp.runs.provenance import now
+from lipexp.runs.stopping import stop_status
 from lipexp.version import __version__
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ def _read_lock(fd: int) -> dict[str, Any]:
     return owner if isinstance(owner, dict) else {}
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -63,30 +64,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
-
-
-def requeued() -> bool:
-    """Whether this is a SLURM job restarted by a requeue (preemption, time limit): it
-    continues its folder as with ``resume=true``."""
-    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
-
-
-def stop_status(error: BaseException) -> str:
-    """results.json's status for a run that stopped with ``error``: ``interrupted`` for
-    Ctrl-C (a KeyboardInterrupt, or the exit Lightning makes of one), ``terminated`` for
-    SIGTERM (lipexp's or Lightning's handler), else ``failed``."""
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, Stopped):
-            return seen.status
-        if isinstance(seen, KeyboardInterrupt):
-            return "interrupted"
-        if isinstance(seen, SIGTERMException):
-            return "terminated"
-        seen = seen.__context__
-    return "failed"
 
 
 class RunFolder:
@@ -148,13 +125,28 @@ class RunFolder:
             self.lock.unlink(missing_ok=True)  # before unlocking: no one locks a stale file
             os.close(fd)  # releases the flock
 
+    def busy(self) -> bool:
+        """Whether a live process holds the folder's lock (``owned``) now."""
+        try:
+            fd = os.open(self.lock, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
     def killed(self) -> bool:
         """Whether the run recorded here as ``running`` is gone: its lock names a process of
         this host that no longer exists (killed with SIGKILL, or the machine went down),
         so results.json could not be updated."""
         owner = read_results(self.lock) or {}
         return (owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int)
-                and not _alive(owner["pid"]))
+                and not alive(owner["pid"]))
 
     # ------------------------------------------------------------------ checks
 

@@ -43,7 +43,7 @@ def _signals() -> list[int]:
 
 def requeue() -> None:
     """Ask SLURM to run this job again (``scontrol requeue``); it then continues its folder
-    (lipexp.runs.folder.requeued). Global rank 0 only."""
+    (requeued, below). Global rank 0 only."""
     if "SLURM_ARRAY_JOB_ID" in os.environ:  # an array task is requeued by its own id
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     else:
@@ -125,3 +125,27 @@ class GracefulStop(pl.Callback):
             raise STOPS[signum](
                 f"stopped by {signal.Signals(signum).name} after training, before the "
                 "robustness evaluation (the final weights are in checkpoints/last.ckpt)")
+
+
+def requeued() -> bool:
+    """Whether this is a SLURM job restarted by a requeue (preemption, time limit): it
+    continues its folder as with ``resume=true``."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def stop_status(error: BaseException) -> str:
+    """results.json's status for a run that stopped with ``error``: ``interrupted`` for
+    Ctrl-C (a KeyboardInterrupt, or the exit Lightning makes of one), ``terminated`` for
+    SIGTERM (lipexp's or Lightning's handler), else ``failed``."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, Stopped):
+            return seen.status
+        if isinstance(seen, KeyboardInterrupt):
+            return "interrupted"
+        if isinstance(seen, SIGTERMException):
+            return "terminated"
+        seen = seen.__context__
+    return "failed"

@@ -15,11 +15,11 @@ from lipexp.evaluation.summary import headline
 from lipexp.resume import RunState
 from lipexp.runs.build import build_datamodule, build_evaluator, build_module, build_trainer
 from lipexp.runs.ddp_launch import job_scope
-from lipexp.runs.folder import RunFolder, requeued
+from lipexp.runs.folder import RunFolder
 from lipexp.runs.loggers import closing_logger
 from lipexp.runs.provenance import provenance
 from lipexp.runs.session import session
-from lipexp.runs.stopping import GracefulStop
+from lipexp.runs.stopping import GracefulStop, requeued
 from lipexp.runs.threads import fit_threads, node_processes
 
 log = logging.getLogger(__name__)

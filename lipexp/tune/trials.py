@@ -2,7 +2,6 @@
 launcher its overrides choose), ``jobs`` at a time, its run's results told to the study;
 trials under way stopped and requeued when the loop is interrupted."""
 
-import fcntl
 import math
 import os
 import signal
@@ -17,7 +16,7 @@ from typing import Any
 
 from lipexp.config.overrides import hydra_quoted
 from lipexp.files import atomic_path
-from lipexp.runs.folder import RunFolder, read_results
+from lipexp.runs.folder import RunFolder, alive, read_results
 from lipexp.tune.spec import (
     METRICS,
     RUN_PY,
@@ -68,32 +67,6 @@ def start_trial(launch: TrialLaunch) -> subprocess.Popen:
                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
 
-def _busy(folder: Path) -> bool:
-    """Whether a live process holds the run folder's lock (lipexp.runs.folder.RunFolder)."""
-    try:
-        fd = os.open(folder / ".lock", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @dataclass
 class _Flight:
     trial: Any  # optuna.trial.Trial
@@ -133,7 +106,7 @@ def tune(spec: TuneSpec, *, launch: Callable[[TrialLaunch], Any] = start_trial,
     lost, elsewhere = [], []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = trial.user_attrs.get("pid")
-        if trial.user_attrs.get("host") == host and isinstance(pid, int) and not _alive(pid):
+        if trial.user_attrs.get("host") == host and isinstance(pid, int) and not alive(pid):
             lost.append(trial)
         else:
             elsewhere.append(trial)
@@ -194,7 +167,7 @@ def _start(study, space, spec: TuneSpec, launch: Callable[[TrialLaunch], Any],
     resume = ((read_results(folder / "results.json") or {}).get("status") != "completed"
               and bool(RunFolder(folder).checkpoints()))
     deadline = time.monotonic() + 120  # a stopped run of a lost trial may still be saving
-    while _busy(folder) and time.monotonic() < deadline:
+    while RunFolder(folder).busy() and time.monotonic() < deadline:
         time.sleep(0.5)
     command = [sys.executable, str(RUN_PY), "-m", *overrides, *(["resume=true"] if resume else []),
                f"hydra.sweep.dir={hydra_quoted(str(spec.folder.resolve()))}",

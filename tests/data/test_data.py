@@ -232,6 +232,15 @@ def _fit_loader(dm):
     return dm.train_dataloader()
 
 
+def _seeded_batches(*loaders, seed: int = 7) -> list[list]:
+    """Each loader's batches of one epoch, each drawn after ``torch.manual_seed(seed)``."""
+    out = []
+    for loader in loaders:
+        torch.manual_seed(seed)
+        out.append(list(loader))
+    return out
+
+
 def test_batch_loader_yields_the_batches_of_a_tensor_dataset_loader():
     """Same seed, same batches as the former per-image loader (TensorDataset + collate)."""
     dm = _digits_module(batch_size=100)
@@ -239,10 +248,7 @@ def test_batch_loader_yields_the_batches_of_a_tensor_dataset_loader():
     x, y = dm._train.tensors
     old = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=100,
                                       shuffle=True, drop_last=True)
-    torch.manual_seed(7)
-    new_batches = list(loader)
-    torch.manual_seed(7)
-    old_batches = list(old)
+    new_batches, old_batches = _seeded_batches(loader, old)
     assert len(new_batches) == len(old_batches) == 1437 // 100
     for (xn, yn), (xo, yo) in zip(new_batches, old_batches, strict=True):
         assert torch.equal(xn, xo) and torch.equal(yn, yo)
@@ -291,10 +297,7 @@ def test_training_batches_come_from_where_the_training_split_lives(device):
     assert dm._train.tensors[0].device.type == dm._train.tensors[1].device.type == device.type
     if device.type == "cuda":  # in-process gathers, nothing to pin
         assert loader.num_workers == 0 and not loader.pin_memory
-    torch.manual_seed(7)
-    expected = list(reference)
-    torch.manual_seed(7)
-    batches = list(loader)
+    expected, batches = _seeded_batches(reference, loader)
     assert len(batches) == len(expected) == 1437 // 100
     for (x, y), (xe, ye) in zip(batches, expected, strict=True):
         assert x.device.type == y.device.type == device.type

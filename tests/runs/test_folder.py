@@ -14,7 +14,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lipexp.errors import Interrupted, Terminated
 from lipexp.runs.differences import config_differences
-from lipexp.runs.folder import RunFolder, RunFolderError, requeued
+from lipexp.runs.folder import RunFolder, RunFolderError
+from lipexp.runs.stopping import requeued
 
 from ..helpers import hold_lock
 
